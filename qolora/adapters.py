@@ -1,0 +1,285 @@
+"""The PEFT-compatible API: ``get_qolora_model``, ``save_adapter``, ``load_adapter``."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import quant
+from .initialize import INIT_SOURCES, init_olora_, iter_targets, restore_olora_
+from .metadata import FACTORS_FILE, AdapterMeta
+from .precision import dtype_name
+from .report import InitReport
+
+logger = logging.getLogger(__name__)
+
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass
+class QoloraState:
+    """What a QOLoRA PeftModel carries beside PEFT's own state (``model.qolora_states[name]``)."""
+
+    meta: AdapterMeta
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    report: InitReport | None = None
+
+
+def _init_kind(lora_config: Any) -> str:
+    init = lora_config.init_lora_weights
+    if isinstance(init, str) and init.lower() == "olora":
+        return "olora"
+    if init is True or (isinstance(init, str) and init.lower() == "lora"):
+        return "lora"
+    raise ValueError(f"init_lora_weights: QOLoRA supports 'olora' and True/'lora', got {init!r}")
+
+
+def _check_config(lora_config: Any) -> None:
+    if getattr(lora_config, "use_dora", False):
+        raise ValueError("use_dora: DoRA is not supported with QOLoRA's OLoRA init; set use_dora=False")
+    if getattr(lora_config, "lora_bias", False):
+        raise ValueError("lora_bias: not supported with QOLoRA's OLoRA init; set lora_bias=False")
+
+
+def _base_meta(model: nn.Module, init: str, init_source: str, checkpoint: Path | None) -> AdapterMeta:
+    """Record the base: its path, fingerprint, 4-bit settings and dtype."""
+    name = getattr(model, "name_or_path", None) or None
+    folder = checkpoint or quant.find_checkpoint(name)
+    settings = None
+    for m in model.modules():
+        if quant.is_4bit(m):
+            settings = quant.quant_settings(m).to_dict()
+            settings["compute_dtype"] = dtype_name(m.compute_dtype or torch.float32)
+            break
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return AdapterMeta(
+        init=init,
+        init_source=init_source,
+        base_model=str(name) if name else None,
+        checkpoint=str(Path(folder).resolve()) if folder else None,
+        fingerprint=quant.fingerprint(folder) if folder else None,
+        quant=settings,
+        dtype=dtype_name(dtype),
+    )
+
+
+def get_qolora_model(
+    model: nn.Module,
+    lora_config: Any,
+    *,
+    adapter_name: str = "default",
+    init_source: str = "auto",
+    checkpoint: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> Any:
+    """Wrap ``model`` in a standard ``peft.PeftModel``, OLoRA-initialized exactly.
+
+    A drop-in for ``peft.get_peft_model(model, LoraConfig(init_lora_weights="olora"))``, with
+    QR on the original weights (streamed from the checkpoint), a thin QR, the quantization
+    settings kept, ``fan_in_fan_out`` honoured, and the initial factors kept for exact reload.
+    Rewrites ``model``'s frozen base weights in place (as PEFT does).
+
+    Args:
+        model: a transformers model, 4-bit (``load_quantized``) or unquantized.
+        lora_config: a ``peft.LoraConfig``; ``init_lora_weights`` "olora", or True/"lora" for
+            plain LoRA (Hu et al., arXiv 2106.09685).
+        init_source: "auto", "checkpoint" or "dequantized" (see ``WeightSource``).
+        checkpoint: folder of the original safetensors, if not the model's own.
+        progress: show a progress bar.
+
+    Returns:
+        A ``peft.PeftModel``; ``model.qolora_states[adapter_name].report`` is the init report.
+    """
+    from peft import get_peft_model
+
+    kind = _init_kind(lora_config)
+    _check_config(lora_config)
+    if init_source not in INIT_SOURCES:
+        raise ValueError(f"init_source: expected one of {INIT_SOURCES}, got {init_source!r}")
+    cfg = copy.deepcopy(lora_config)
+    cfg.init_lora_weights = False if kind == "olora" else True
+    peft_model = get_peft_model(model, cfg, adapter_name=adapter_name)
+    peft_model.peft_config[adapter_name].init_lora_weights = lora_config.init_lora_weights
+    if kind == "olora":
+        result = init_olora_(peft_model, adapter_name, init_source, checkpoint, progress)
+        meta = _base_meta(model, kind, init_source, result.checkpoint)
+        meta.layer_sources = {x.name: x.source for x in result.report.layers}
+        state = QoloraState(meta, result.factors, result.report)
+    else:
+        state = QoloraState(_base_meta(model, kind, init_source, None))
+    state.meta.adapter_name = adapter_name
+    peft_model.qolora_states = {adapter_name: state}
+    return peft_model
+
+
+def _state(model: nn.Module, adapter_name: str) -> QoloraState:
+    states = getattr(model, "qolora_states", None)
+    if not states or adapter_name not in states:
+        raise ValueError(
+            f"adapter {adapter_name!r} has no QOLoRA state: make the model with get_qolora_model or load_adapter"
+        )
+    return states[adapter_name]
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike[str], adapter_name: str = "default") -> Path:
+    """Write a PEFT adapter dir plus ``qolora.json`` and ``initial_factors.safetensors``.
+
+    The dir is written beside its final place and renamed into it, so an interrupted save
+    never leaves a dir that looks complete; an existing dir is replaced.
+    """
+    state = _state(model, adapter_name)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(str(tmp), selected_adapters=[adapter_name])
+        if adapter_name != "default":  # PEFT nests non-default adapters one level down
+            for f in (tmp / adapter_name).iterdir():
+                f.rename(tmp / f.name)
+            (tmp / adapter_name).rmdir()
+        if state.factors:
+            tensors: dict[str, torch.Tensor] = {}
+            for name, (B0, A0) in state.factors.items():
+                tensors[f"{name}.B0"] = B0.detach().cpu().contiguous()
+                tensors[f"{name}.A0"] = A0.detach().cpu().contiguous()
+            save_file(tensors, str(tmp / FACTORS_FILE), metadata={"format": "qolora-initial-factors"})
+        state.meta.write(tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("saved adapter %r to %s", adapter_name, out)
+    return out
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    old = None
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+        dst.rename(old / dst.name)
+    src.rename(dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_factors(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the OLoRA initial factors are needed to rebuild the base")
+    flat = load_file(str(path))
+    names = {k.rsplit(".", 1)[0] for k in flat}
+    try:
+        return {n: (flat[f"{n}.B0"], flat[f"{n}.A0"]) for n in names}
+    except KeyError as e:
+        raise ValueError(f"{path}: missing tensor {e}") from e
+
+
+def _load_base(meta: AdapterMeta, meta_path: Path, device_map: Any) -> nn.Module:
+    ref = meta.checkpoint or meta.base_model
+    if not ref or not Path(ref).is_dir():
+        raise FileNotFoundError(
+            f"base model {ref!r} recorded in {meta_path} was not found; pass base_model= or restore it"
+        )
+    if meta.quant is None:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(ref, dtype=meta.dtype, device_map=device_map)
+    q = quant.QuantSettings.from_dict(meta.quant)
+    return quant.load_quantized(
+        ref,
+        compute_dtype=meta.quant.get("compute_dtype", "auto"),
+        quant_type=q.quant_type,
+        double_quant=q.double_quant,
+        device_map=device_map,
+    )
+
+
+def _verify_base(meta: AdapterMeta, meta_path: Path, folder: str | None) -> None:
+    if meta.fingerprint is None or folder is None:
+        return
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"base checkpoint {folder} recorded in {meta_path} was not found")
+    why = quant.fingerprint_mismatch(meta.fingerprint, folder)
+    if why:
+        raise ValueError(f"base checkpoint does not match {meta_path}: {why}")
+
+
+def load_adapter(
+    adapter_dir: str | os.PathLike[str],
+    base_model: nn.Module | None = None,
+    *,
+    is_trainable: bool = False,
+    checkpoint: str | os.PathLike[str] | None = None,
+    device_map: Any = None,
+    progress: bool = True,
+) -> Any:
+    """Load an adapter saved by ``save_adapter``: rebuild the residual base, attach the adapter.
+
+    No QR runs: the residual is W − s·B0·A0 from the recorded source and initial factors, so
+    on CPU the logits are bit-identical to the model that was saved. Only safetensors and
+    JSON are read; nothing is unpickled.
+
+    Args:
+        adapter_dir: the dir written by ``save_adapter``.
+        base_model: the base, loaded as at init; default: loaded from the recorded checkpoint.
+        is_trainable: keep the adapter trainable (default: inference mode).
+        checkpoint: where the original weights are now, if they moved.
+
+    Raises:
+        FileNotFoundError: a missing adapter file or base checkpoint (named).
+        ValueError: a changed base checkpoint, or an adapter that does not fit the base.
+    """
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    adir = Path(adapter_dir)
+    if not adir.is_dir():
+        raise FileNotFoundError(f"adapter dir {adir} does not exist")
+    for name in PEFT_FILES:
+        if not (adir / name).is_file():
+            raise FileNotFoundError(f"{adir / name} not found: {adir} is not a complete adapter dir")
+    meta = AdapterMeta.read(adir)
+    meta_path = adir / "qolora.json"
+    folder = str(checkpoint) if checkpoint is not None else meta.checkpoint
+    _verify_base(meta, meta_path, folder)
+    if base_model is None:
+        base_model = _load_base(meta, meta_path, device_map)
+    is_4bit = any(quant.is_4bit(m) for m in base_model.modules())
+    if is_4bit != (meta.quant is not None):
+        raise ValueError(f"{meta_path}: adapter was made on a {'4-bit' if meta.quant else 'unquantized'} base")
+    cfg = LoraConfig.from_pretrained(str(adir))
+    recorded_init = cfg.init_lora_weights
+    cfg.init_lora_weights = False if meta.init == "olora" else True
+    name = meta.adapter_name
+    peft_model = get_peft_model(base_model, cfg, adapter_name=name)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if meta.init == "olora":
+        factors = _read_factors(adir / FACTORS_FILE)
+        restore_olora_(peft_model, name, factors, meta.layer_sources, folder, progress)
+    _load_weights(peft_model, adir, name, set_peft_model_state_dict)
+    peft_model.peft_config[name].init_lora_weights = recorded_init
+    peft_model.peft_config[name].inference_mode = not is_trainable
+    if not is_trainable:
+        for p in peft_model.parameters():
+            p.requires_grad_(False)
+        peft_model.eval()
+    peft_model.qolora_states = {name: QoloraState(meta, factors)}
+    return peft_model
+
+
+def _load_weights(peft_model: nn.Module, adir: Path, name: str, set_state: Any) -> None:
+    weights = load_file(str(adir / "adapter_model.safetensors"))
+    result = set_state(peft_model, weights, adapter_name=name)
+    if result.unexpected_keys:
+        raise ValueError(f"{adir / 'adapter_model.safetensors'}: unexpected tensors {result.unexpected_keys[:3]}")
+    n_layers = len(list(iter_targets(peft_model, name)))
+    if len(weights) < 2 * n_layers:
+        raise ValueError(f"{adir / 'adapter_model.safetensors'}: {len(weights)} tensors for {n_layers} LoRA layers")

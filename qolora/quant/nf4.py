@@ -1,0 +1,200 @@
+"""NF4 (de/re)quantization of bitsandbytes ``Linear4bit`` weights.
+
+This is the only place, with ``loading.py``, that knows bitsandbytes' classes. The rest of
+QOLoRA calls ``is_4bit``, ``quant_settings``, ``dequantize``, ``requantize_`` and
+``roundtrip``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..precision import dtype_name, parse_dtype
+
+
+def _bnb() -> Any:
+    import bitsandbytes as bnb  # imported lazily: `import qolora` stays cheap and side-effect free
+
+    return bnb
+
+
+def is_4bit(module: nn.Module) -> bool:
+    """True for a bitsandbytes 4-bit linear layer (``bnb.nn.Linear4bit`` and subclasses)."""
+    try:
+        bnb = _bnb()
+    except ImportError:
+        return False
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """Everything needed to quantize a weight the way an existing layer was quantized.
+
+    Attributes:
+        quant_type: "nf4" or "fp4".
+        blocksize: elements per absmax block (64 is bitsandbytes' default).
+        double_quant: whether the absmax statistics are themselves quantized.
+        quant_storage: dtype of the packed storage tensor (uint8 by default).
+        dtype: ``quant_state.dtype``, the dtype that dequantization returns.
+    """
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    quant_storage: torch.dtype = torch.uint8
+    dtype: torch.dtype = torch.float32
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["quant_storage"] = dtype_name(self.quant_storage)
+        d["dtype"] = dtype_name(self.dtype)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantSettings":
+        if not isinstance(d, dict):
+            raise ValueError(f"quant settings must be a mapping, got {d!r}")
+        return cls(
+            quant_type=str(d["quant_type"]),
+            blocksize=int(d["blocksize"]),
+            double_quant=bool(d["double_quant"]),
+            quant_storage=_storage_dtype(d["quant_storage"]),
+            dtype=parse_dtype(d["dtype"], "quant.dtype"),
+        )
+
+
+def _storage_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    dt = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"quant_storage: unknown dtype {name!r}")
+    return dt
+
+
+def _unpack_cpu_format_(layer: nn.Module) -> None:
+    """Undo bitsandbytes' CPU inference repacking (avx512-bf16 CPUs, eval mode) if it happened."""
+    weight = layer.weight
+    qs = weight.quant_state
+    if getattr(qs, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, qs)
+        layer.quant_state = weight.quant_state
+
+
+def quant_settings(layer: nn.Module) -> QuantSettings:
+    """Read the quantization settings of a quantized ``Linear4bit`` layer."""
+    _unpack_cpu_format_(layer)
+    weight = layer.weight
+    qs = weight.quant_state
+    if qs is None:
+        raise ValueError(f"{type(layer).__name__} has no quant_state: it was never quantized")
+    return QuantSettings(
+        quant_type=qs.quant_type,
+        blocksize=int(qs.blocksize),
+        double_quant=bool(qs.nested),
+        quant_storage=weight.data.dtype,
+        dtype=qs.dtype,
+    )
+
+
+def dequantize(layer: nn.Module) -> torch.Tensor:
+    """Dequantize a ``Linear4bit`` weight.
+
+    Returns:
+        (out, in) float32 on the layer's device.
+    """
+    _unpack_cpu_format_(layer)
+    weight = layer.weight
+    bnb = _bnb()
+    return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(torch.float32)
+
+
+def quantize(W: torch.Tensor, settings: QuantSettings) -> tuple[torch.Tensor, Any]:
+    """Quantize ``W`` with explicit settings.
+
+    Args:
+        W: (out, in) float tensor; quantized from float32 for accuracy.
+
+    Returns:
+        The packed storage tensor and its ``QuantState``, whose ``dtype`` is ``settings.dtype``.
+
+    Note:
+        The kernel runs on fp32 input and ``quant_state.dtype`` is then set to the recorded
+        dtype. The dtype only selects what dequantization returns, so this keeps the layer's
+        compute contract while not rounding the residual to bf16 before quantizing it.
+    """
+    bnb = _bnb()
+    data, state = bnb.functional.quantize_4bit(
+        W.to(torch.float32).contiguous(),
+        blocksize=settings.blocksize,
+        compress_statistics=settings.double_quant,
+        quant_type=settings.quant_type,
+        quant_storage=settings.quant_storage,
+    )
+    state.dtype = settings.dtype
+    return data, state
+
+
+def requantize_(layer: nn.Module, W: torch.Tensor, settings: QuantSettings | None = None) -> None:
+    """Replace a ``Linear4bit`` layer's weight with ``W`` quantized once, in place.
+
+    Every setting of the existing weight survives: quant_type, blocksize, double quantization,
+    quant_storage and ``quant_state.dtype``.
+
+    Args:
+        layer: a quantized ``bnb.nn.Linear4bit``; its frozen base weight is rewritten.
+        W: (out, in) float tensor, the new full-precision weight.
+        settings: defaults to the layer's current settings.
+    """
+    bnb = _bnb()
+    settings = settings or quant_settings(layer)
+    old = layer.weight
+    data, state = quantize(W.to(old.device), settings)
+    layer.weight = bnb.nn.Params4bit(
+        data,
+        requires_grad=False,
+        quant_state=state,
+        blocksize=settings.blocksize,
+        compress_statistics=settings.double_quant,
+        quant_type=settings.quant_type,
+        quant_storage=settings.quant_storage,
+        module=layer,
+        bnb_quantized=True,
+    )
+    layer.quant_state = state
+
+
+def roundtrip(W: torch.Tensor, settings: QuantSettings) -> torch.Tensor:
+    """dequantize(quantize(W)): what a 4-bit layer holding ``W`` computes with; float32."""
+    bnb = _bnb()
+    data, state = quantize(W, settings)
+    return bnb.functional.dequantize_4bit(data, state).to(torch.float32)
+
+
+def quantize_linear(linear: nn.Linear, settings: QuantSettings, compute_dtype: torch.dtype) -> nn.Module:
+    """Build a ``Linear4bit`` from a float ``nn.Linear`` (tests and synthetic benchmarks).
+
+    The returned layer is on ``linear``'s device and owns a quantized copy of its weight.
+    """
+    bnb = _bnb()
+    layer = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=settings.double_quant,
+        quant_type=settings.quant_type,
+        quant_storage=settings.quant_storage,
+        device=linear.weight.device,
+    )
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+    requantize_(layer, linear.weight.detach(), settings)
+    return layer

@@ -1,0 +1,162 @@
+"""Where the original full-precision weights come from: the checkpoint, streamed per tensor.
+
+A 4-bit model no longer holds its original weights. QOLoRA reads each target weight back
+from the checkpoint's safetensors files, one tensor at a time and memory-mapped, so the QR
+runs on the original weight and the residual is quantized once (DESIGN invariant 4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+logger = logging.getLogger(__name__)
+
+FINGERPRINT_METHOD = "sha256-sampled-v1"
+_SAMPLES = 32
+_SAMPLE_BYTES = 4096
+
+
+class CheckpointWeights:
+    """Read-only, memory-mapped access to the tensors of a safetensors checkpoint folder.
+
+    Only headers are read up front; ``get`` loads one tensor.
+
+    Args:
+        folder: a folder with ``model.safetensors`` or sharded ``*.safetensors`` files.
+
+    Raises:
+        FileNotFoundError: naming the folder, when it holds no safetensors file.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        files = safetensors_files(self.folder)
+        if not files:
+            raise FileNotFoundError(f"{self.folder}: no *.safetensors weight files found")
+        self.files = files
+        self._key_to_file: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                for key in h.keys():
+                    self._key_to_file[key] = f
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._key_to_file
+
+    def keys(self) -> list[str]:
+        return list(self._key_to_file)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        with safe_open(str(self._key_to_file[key]), framework="pt") as h:
+            return tuple(h.get_slice(key).get_shape())
+
+    def get(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """One tensor, as float32 on ``device``."""
+        if key not in self._key_to_file:
+            raise KeyError(f"{self.folder}: tensor {key!r} is not in the checkpoint")
+        with safe_open(str(self._key_to_file[key]), framework="pt", device="cpu") as h:
+            t = h.get_tensor(key)
+        return t.to(device=device, dtype=torch.float32)
+
+    def find(self, module_name: str, prefixes: tuple[str, ...] = ()) -> str | None:
+        """The checkpoint key of ``module_name``'s weight, or None.
+
+        Args:
+            module_name: dotted name inside the transformers model, e.g. ``model.layers.0.mlp.up_proj``.
+            prefixes: base-model prefixes ("model", "transformer") that a checkpoint may add or omit.
+        """
+        key = f"{module_name}.weight"
+        candidates = [key]
+        for p in prefixes:
+            if key.startswith(p + "."):
+                candidates.append(key[len(p) + 1 :])
+            else:
+                candidates.append(f"{p}.{key}")
+        return next((c for c in candidates if c in self._key_to_file), None)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return fingerprint(self.folder)
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint folder, from its index when it has one."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e})") from e
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def fingerprint(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """A cheap content fingerprint of a checkpoint's weight files.
+
+    Per file: its size and a sha256 over the safetensors header and 32 evenly spaced 4 KiB
+    samples of the data. Any re-save, fine-tune or re-quantization changes it; reading it costs
+    milliseconds, where hashing a 13 GB checkpoint would take most of a minute.
+    """
+    folder = Path(folder)
+    out: dict[str, Any] = {}
+    for f in safetensors_files(folder):
+        size = f.stat().st_size
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            h.update(head)
+            header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
+            h.update(fh.read(min(header_len, size)))
+            for i in range(_SAMPLES):
+                fh.seek(size * i // _SAMPLES)
+                h.update(fh.read(_SAMPLE_BYTES))
+        out[f.name] = {"size": size, "sha256": h.hexdigest()}
+    return {"method": FINGERPRINT_METHOD, "files": out}
+
+
+def fingerprint_mismatch(recorded: dict[str, Any], folder: str | os.PathLike[str]) -> str | None:
+    """None if ``folder`` still matches ``recorded``, else a sentence saying what changed."""
+    folder = Path(folder)
+    if recorded.get("method") != FINGERPRINT_METHOD:
+        return f"unknown fingerprint method {recorded.get('method')!r}"
+    now = fingerprint(folder)["files"]
+    then = recorded.get("files", {})
+    for name in sorted(set(now) | set(then)):
+        if name not in now:
+            return f"weight file {folder / name} is missing"
+        if name not in then:
+            return f"weight file {folder / name} was not part of the base checkpoint"
+        if now[name] != then[name]:
+            return f"weight file {folder / name} has changed since the adapter was initialized"
+    return None
+
+
+def find_checkpoint(name_or_path: str | None) -> Path | None:
+    """The local folder holding a model's safetensors files, or None.
+
+    Looks at a local folder first, then the local Hugging Face cache (never the network).
+    """
+    if not name_or_path:
+        return None
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return p.resolve() if safetensors_files(p) else None
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            str(name_or_path), local_files_only=True, allow_patterns=["*.safetensors", "*.json"]
+        )
+    except Exception as e:  # not cached, malformed id, or no hub library: the caller falls back
+        logger.debug("no local checkpoint for %s: %s", name_or_path, e)
+        return None
+    local_path = Path(local)
+    return local_path if safetensors_files(local_path) else None
