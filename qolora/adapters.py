@@ -258,6 +258,7 @@ def load_adapter(
     cfg = LoraConfig.from_pretrained(str(adir))
     recorded_init = cfg.init_lora_weights
     cfg.init_lora_weights = False if meta.init == "olora" else True
+    cfg.inference_mode = not is_trainable
     name = meta.adapter_name
     peft_model = get_peft_model(base_model, cfg, adapter_name=name)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -266,7 +267,6 @@ def load_adapter(
         restore_olora_(peft_model, name, factors, meta.layer_sources, folder, progress)
     _load_weights(peft_model, adir, name, set_peft_model_state_dict)
     peft_model.peft_config[name].init_lora_weights = recorded_init
-    peft_model.peft_config[name].inference_mode = not is_trainable
     if not is_trainable:
         for p in peft_model.parameters():
             p.requires_grad_(False)

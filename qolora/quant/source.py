@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-FINGERPRINT_METHOD = "sha256-sampled-v1"
-_SAMPLES = 32
-_SAMPLE_BYTES = 4096
+FINGERPRINT_METHOD = "sha256"
+_CHUNK = 8 << 20
 
 
 class CheckpointWeights:
@@ -98,27 +98,24 @@ def safetensors_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def fingerprint(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """A cheap content fingerprint of a checkpoint's weight files.
+def fingerprint(folder: str | os.PathLike[str], progress: bool = True) -> dict[str, Any]:
+    """A content fingerprint of a checkpoint's weight files: size and sha256 of each.
 
-    Per file: its size and a sha256 over the safetensors header and 32 evenly spaced 4 KiB
-    samples of the data. Any re-save, fine-tune or re-quantization changes it; reading it costs
-    milliseconds, where hashing a 13 GB checkpoint would take most of a minute.
+    Reads every byte (about 1.5 GB/s per core here: ~9 s for a 7B bf16 checkpoint, which a
+    4-bit load reads in full anyway). Sampling a few windows instead would miss small edits.
     """
     folder = Path(folder)
+    files = safetensors_files(folder)
+    total = sum(f.stat().st_size for f in files)
     out: dict[str, Any] = {}
-    for f in safetensors_files(folder):
-        size = f.stat().st_size
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            head = fh.read(8)
-            h.update(head)
-            header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
-            h.update(fh.read(min(header_len, size)))
-            for i in range(_SAMPLES):
-                fh.seek(size * i // _SAMPLES)
-                h.update(fh.read(_SAMPLE_BYTES))
-        out[f.name] = {"size": size, "sha256": h.hexdigest()}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="fingerprint", disable=not progress or total < 1 << 30) as bar:
+        for f in files:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                while chunk := fh.read(_CHUNK):
+                    h.update(chunk)
+                    bar.update(len(chunk))
+            out[f.name] = {"size": f.stat().st_size, "sha256": h.hexdigest()}
     return {"method": FINGERPRINT_METHOD, "files": out}
 
 

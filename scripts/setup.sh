@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create .venv and install QOLoRA with its dev extras. Safe to re-run: it reinstalls only
+# when pyproject.toml changed. torch==2.13.0 goes first: it is a CPU build on this project's
+# machines, and a plain `torch` requirement would pull a multi-GB CUDA build instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.qolora-install-stamp
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  .venv/bin/python -m pip install -q "torch==${QOLORA_TORCH_VERSION:-2.13.0}"
+  .venv/bin/python -m pip install -q -e ".[dev]"
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,79 @@
+"""Tiny random models built in fixtures; nothing is downloaded."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def _llama(outlier_cols: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(1234)
+    model = LlamaForCausalLM(cfg)
+    if outlier_cols:
+        # LLM-like weights: a few input channels with ~20x larger magnitude (LLM.int8, Dettmers 2022).
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.ndim == 2 and "proj" in name:
+                    cols = torch.randperm(p.shape[1], generator=g)[:3]
+                    p[:, cols] *= 20.0
+    return model
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama (hidden 64) saved as a plain HF folder with safetensors."""
+    d = tmp_path_factory.mktemp("llama")
+    _llama().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def outlier_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like ``llama_dir``, with outlier input columns in every projection."""
+    d = tmp_path_factory.mktemp("llama_outliers")
+    _llama(outlier_cols=True).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer GPT-2 (Conv1D layers, fan_in_fan_out) saved as a plain HF folder."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path_factory.mktemp("gpt2")
+    torch.manual_seed(99)
+    GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)).save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=x).logits

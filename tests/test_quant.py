@@ -1,0 +1,76 @@
+"""NF4 re-quantization keeps every setting; 4-bit loading; dtype resolution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qolora import quant
+from qolora.precision import parse_dtype, resolve_compute_dtype
+
+
+@pytest.mark.parametrize("blocksize,dtype,double", [(128, torch.bfloat16, False), (256, torch.float16, True)])
+def test_requantize_keeps_settings(blocksize: int, dtype: torch.dtype, double: bool) -> None:
+    s = quant.QuantSettings("nf4", blocksize, double, torch.uint8, dtype)
+    layer = quant.quantize_linear(nn.Linear(256, 128), s, compute_dtype=torch.float32)
+    assert quant.quant_settings(layer) == s
+    W = torch.randn(128, 256)
+    quant.requantize_(layer, W)
+    assert quant.quant_settings(layer) == s
+    assert layer.weight.quant_state is layer.quant_state
+    assert quant.dequantize(layer).dtype == torch.float32
+    err = (quant.dequantize(layer) - W).norm() / W.norm()
+    assert 0 < err < 0.15
+
+
+def test_roundtrip_matches_layer_and_storage_dtype_survives() -> None:
+    s = quant.QuantSettings("nf4", 64, True, torch.bfloat16, torch.float32)
+    W = torch.randn(64, 128)
+    layer = quant.quantize_linear(nn.Linear(128, 64), s, torch.float32)
+    quant.requantize_(layer, W)
+    assert layer.weight.data.dtype == torch.bfloat16
+    assert torch.equal(quant.roundtrip(W, s), quant.dequantize(layer))
+
+
+def test_settings_round_trip_through_dict() -> None:
+    s = quant.QuantSettings("fp4", 32, False, torch.float16, torch.bfloat16)
+    assert quant.QuantSettings.from_dict(s.to_dict()) == s
+
+
+def test_load_quantized_gives_nf4_double_quant(llama_dir) -> None:
+    model = quant.load_quantized(llama_dir)
+    layers = [m for m in model.modules() if quant.is_4bit(m)]
+    assert len(layers) == 14  # 7 projections x 2 decoder layers; lm_head stays unquantized
+    s = quant.quant_settings(layers[0])
+    assert (s.quant_type, s.double_quant, s.dtype) == ("nf4", True, torch.float32)
+    assert model.model.norm.weight.dtype == torch.float32
+
+
+def test_load_quantized_missing_folder() -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        quant.load_quantized("/nonexistent/model/folder")
+
+
+def test_auto_dtype_is_fp32_on_cpu() -> None:
+    assert resolve_compute_dtype("auto", device="cpu").dtype == torch.float32
+    assert resolve_compute_dtype("bf16").dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="compute_dtype"):
+        resolve_compute_dtype("float8")
+    assert parse_dtype("torch.float16") == torch.float16
+
+
+def test_fingerprint_detects_changed_weights(llama_dir, tmp_path) -> None:
+    import shutil
+
+    copy = tmp_path / "m"
+    shutil.copytree(llama_dir, copy)
+    fp = quant.fingerprint(copy)
+    assert quant.fingerprint_mismatch(fp, copy) is None
+    f = copy / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0x01  # one bit of one weight
+    f.write_bytes(bytes(data))
+    assert "has changed" in quant.fingerprint_mismatch(fp, copy)
+    f.unlink()
+    assert quant.fingerprint_mismatch(fp, copy) is not None

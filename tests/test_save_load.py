@@ -1,0 +1,154 @@
+"""save_adapter / load_adapter: exact reload with no QR and no pickle; clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM
+
+import qolora
+from qolora import quant
+
+from .conftest import logits
+
+
+def _cfg(init: object = "olora") -> LoraConfig:
+    return LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=init)
+
+
+def _trained(model: torch.nn.Module) -> torch.nn.Module:
+    """Move the adapter away from its init, as training would."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.01 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture
+def base_copy(llama_dir, tmp_path):
+    d = tmp_path / "base"
+    shutil.copytree(llama_dir, d)
+    return d
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "dequantized"])
+def test_reload_is_bit_identical_and_runs_no_qr(base_copy, tmp_path, tokens, source, monkeypatch) -> None:
+    model = _trained(qolora.get_qolora_model(quant.load_quantized(base_copy), _cfg(), init_source=source,
+                                             progress=False))
+    want = logits(model, tokens)
+    out = qolora.save_adapter(model, tmp_path / "adapter")
+    assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors",
+                                                "qolora.json", "initial_factors.safetensors"}
+
+    def no_qr(*a, **k):
+        raise AssertionError("load_adapter ran a QR")
+
+    def no_pickle(*a, **k):
+        raise AssertionError("load_adapter unpickled something")
+
+    monkeypatch.setattr(torch.linalg, "qr", no_qr)
+    monkeypatch.setattr(torch, "load", no_pickle)
+    reloaded = qolora.load_adapter(out, progress=False)
+    assert isinstance(reloaded, PeftModel)
+    assert torch.equal(logits(reloaded, tokens), want)
+
+
+def test_reload_unquantized_and_resave(llama_dir, tmp_path, tokens) -> None:
+    model = _trained(qolora.get_qolora_model(AutoModelForCausalLM.from_pretrained(llama_dir), _cfg(),
+                                             progress=False))
+    want = logits(model, tokens)
+    qolora.save_adapter(model, tmp_path / "a")
+    reloaded = qolora.load_adapter(tmp_path / "a", progress=False)
+    assert torch.equal(logits(reloaded, tokens), want)
+    qolora.save_adapter(reloaded, tmp_path / "a")  # overwrite in place from a reloaded model
+    assert torch.equal(logits(qolora.load_adapter(tmp_path / "a", progress=False), tokens), want)
+
+
+def test_reload_with_given_base_and_trainable(llama_dir, tmp_path, tokens) -> None:
+    model = _trained(qolora.get_qolora_model(quant.load_quantized(llama_dir), _cfg(), progress=False))
+    want = logits(model, tokens)
+    qolora.save_adapter(model, tmp_path / "a")
+    reloaded = qolora.load_adapter(tmp_path / "a", quant.load_quantized(llama_dir), is_trainable=True,
+                                   progress=False)
+    assert any(p.requires_grad for n, p in reloaded.named_parameters() if "lora_" in n)
+    assert torch.equal(logits(reloaded, tokens), want)
+
+
+def test_plain_lora_round_trip(llama_dir, tmp_path, tokens) -> None:
+    model = _trained(qolora.get_qolora_model(quant.load_quantized(llama_dir), _cfg(init=True), progress=False))
+    want = logits(model, tokens)
+    qolora.save_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a" / "initial_factors.safetensors").exists()
+    assert torch.equal(logits(qolora.load_adapter(tmp_path / "a", progress=False), tokens), want)
+
+
+def test_metadata_records_base_and_settings(base_copy, tmp_path) -> None:
+    model = qolora.get_qolora_model(quant.load_quantized(base_copy), _cfg(), progress=False)
+    qolora.save_adapter(model, tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / "qolora.json").read_text())
+    assert meta["format_version"] == 1
+    assert meta["base_model"]["checkpoint"] == str(base_copy.resolve())
+    assert "model.safetensors" in meta["base_model"]["fingerprint"]["files"]
+    assert meta["quant"]["quant_type"] == "nf4" and meta["quant"]["double_quant"] is True
+    assert meta["init"]["layer_sources"]["model.layers.1.mlp.down_proj"] == "checkpoint"
+    assert meta["versions"]["peft"] and meta["versions"]["torch"]
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["init_lora_weights"] == "olora" and cfg["r"] == 8
+
+
+def test_changed_or_missing_base_is_refused(base_copy, tmp_path) -> None:
+    model = qolora.get_qolora_model(quant.load_quantized(base_copy), _cfg(), progress=False)
+    qolora.save_adapter(model, tmp_path / "a")
+    f = base_copy / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-100] ^= 0x01  # one bit of one weight
+    f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="has changed since the adapter was initialized"):
+        qolora.load_adapter(tmp_path / "a", progress=False)
+    shutil.rmtree(base_copy)
+    with pytest.raises(FileNotFoundError, match="qolora.json"):
+        qolora.load_adapter(tmp_path / "a", progress=False)
+
+
+def test_bad_adapter_dirs(tmp_path, llama_dir) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        qolora.load_adapter(tmp_path / "nope")
+    model = qolora.get_qolora_model(quant.load_quantized(llama_dir), _cfg(), progress=False)
+    qolora.save_adapter(model, tmp_path / "a")
+    (tmp_path / "a" / "initial_factors.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="initial_factors.safetensors"):
+        qolora.load_adapter(tmp_path / "a", progress=False)
+    (tmp_path / "a" / "qolora.json").write_text('{"format": "qolora-adapter", "format_version": 99}')
+    with pytest.raises(ValueError, match="format_version 99"):
+        qolora.load_adapter(tmp_path / "a", progress=False)
+    (tmp_path / "a" / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        qolora.load_adapter(tmp_path / "a", progress=False)
+
+
+def test_quantization_mismatch_is_refused(llama_dir, tmp_path) -> None:
+    model = qolora.get_qolora_model(quant.load_quantized(llama_dir), _cfg(), progress=False)
+    qolora.save_adapter(model, tmp_path / "a")
+    with pytest.raises(ValueError, match="4-bit base"):
+        qolora.load_adapter(tmp_path / "a", AutoModelForCausalLM.from_pretrained(llama_dir), progress=False)
+
+
+def test_save_without_state_and_interrupted_save(llama_dir, tmp_path, monkeypatch) -> None:
+    from peft import get_peft_model
+
+    with pytest.raises(ValueError, match="no QOLoRA state"):
+        qolora.save_adapter(get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dir), _cfg(True)), tmp_path / "x")
+    model = qolora.get_qolora_model(quant.load_quantized(llama_dir), _cfg(), progress=False)
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("qolora.adapters.save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        qolora.save_adapter(model, tmp_path / "b")
+    assert list(tmp_path.iterdir()) == []  # neither the dir nor a temp dir is left behind
