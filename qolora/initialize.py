@@ -124,8 +124,9 @@ class WeightSource:
         base = t.base
         if not quant.is_4bit(base):
             w = base.weight.detach()
-            W = (w.T if t.fan_in_fan_out else w).to(torch.float32, copy=True).contiguous()
-            return W, "module", None
+            if w.dtype == torch.float32 and not t.fan_in_fan_out:
+                return w, "module", None  # worked on in place, as PEFT does: no copy
+            return (w.T if t.fan_in_fan_out else w).to(torch.float32, copy=True).contiguous(), "module", None
         W4 = quant.dequantize(base)
         want_ckpt = require == "checkpoint" or (require is None and self.init_source != "dequantized")
         if want_ckpt:
@@ -151,8 +152,9 @@ class WeightSource:
         # Conv1D checkpoints store (in, out); square ones are told apart by which orientation
         # the loaded 4-bit weight matches.
         candidates = [c.contiguous() for c in (raw, raw.T) if tuple(c.shape) == (out, inp)]
-        W = min(candidates, key=lambda c: float(torch.linalg.vector_norm(c - W4)))
-        diff = float(torch.linalg.vector_norm(W - W4) / torch.linalg.vector_norm(W).clamp_min(1e-30))
+        dists = [float(torch.dist(c, W4)) for c in candidates]
+        W, dist = min(zip(candidates, dists), key=lambda cd: cd[1])
+        diff = dist / max(float(torch.linalg.vector_norm(W)), 1e-30)
         if diff > _MATCH_TOLERANCE:
             return None, f"{self.folder}: {key} does not match the loaded weight (relative difference {diff:.2f})"
         return W, ""
@@ -183,7 +185,7 @@ def _write_base_(t: Target, W_res: torch.Tensor) -> None:
     base = t.base
     if quant.is_4bit(base):
         quant.requantize_(base, W_res)
-    else:
+    elif W_res.data_ptr() != base.weight.data_ptr():
         w = base.weight
         w.data.copy_((W_res.T if t.fan_in_fan_out else W_res).to(w.dtype))
 
@@ -220,7 +222,7 @@ def init_olora_(
         check_rank(r, t.shape(), t.name)
         W, src, W4 = source.get(t)
         w_norm = float(torch.linalg.vector_norm(W))
-        qlora_err = _rel(W - W4, w_norm) if W4 is not None else 0.0
+        qlora_err = _rel(W4.sub_(W), w_norm) if W4 is not None else 0.0
         del W4
         B, A = olora_factors(W, r)
         lora_A, lora_B = t.lora.lora_A[adapter_name].weight, t.lora.lora_B[adapter_name].weight
@@ -228,9 +230,8 @@ def init_olora_(
         lora_B.data = B.to(device=lora_B.device, dtype=lora_B.dtype)
         subtract_lowrank_(W, lora_B.detach(), lora_A.detach(), scale)
         _write_base_(t, W)
-        stored = quant.dequantize(t.base) if quant.is_4bit(t.base) else _logical_base(t)
-        err = _rel(W - stored, w_norm)
-        del W, stored
+        err = _stored_error(t, W, w_norm)
+        del W
         result.factors[t.name] = (lora_B.detach().clone(), lora_A.detach().clone())
         result.report.layers.append(LayerReport(t.name, t.shape(), src, time.perf_counter() - t0, err, qlora_err))
     result.report.seconds = time.perf_counter() - t_all
@@ -238,9 +239,15 @@ def init_olora_(
     return result
 
 
-def _logical_base(t: Target) -> torch.Tensor:
-    w = t.base.weight.detach()
-    return (w.T if t.fan_in_fan_out else w).to(torch.float32)
+def _stored_error(t: Target, W_res: torch.Tensor, w_norm: float) -> float:
+    """‖W_res − stored base‖ / ‖W‖: the 4-bit quantization error, or the cast error (0 in fp32)."""
+    base = t.base
+    if quant.is_4bit(base):
+        return _rel(quant.dequantize(base).sub_(W_res), w_norm)
+    w = base.weight.detach()
+    if w.dtype == torch.float32:
+        return 0.0
+    return _rel((w.T if t.fan_in_fan_out else w).to(torch.float32) - W_res, w_norm)
 
 
 def restore_olora_(

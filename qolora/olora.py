@@ -48,10 +48,12 @@ def olora_factors(W: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """
     check_rank(r, tuple(W.shape))
     W32 = W.detach().to(torch.float32)
-    if not bool(torch.isfinite(W32).all()):
-        raise ValueError("weight has NaN or Inf entries; OLoRA needs a finite weight")
     B, _ = torch.linalg.qr(W32[:, :r], mode="reduced")  # (out, r)
     A = B.T @ W32  # (r, in)
+    # Note: a NaN or Inf anywhere in W reaches A (inf·0 and nan·x are NaN), so checking the
+    # small factors costs O((out + in)·r) instead of a full pass over W.
+    if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
+        raise ValueError("weight has NaN or Inf entries; OLoRA needs a finite weight")
     return B.contiguous(), A.contiguous()
 
 
