@@ -1,0 +1,78 @@
+"""The ``qolora`` command. Subcommands: ``init`` (more arrive with training and export)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Sequence
+
+from . import __version__
+
+
+def _init(args: argparse.Namespace) -> int:
+    from peft import LoraConfig
+
+    from .adapters import get_qolora_model, save_adapter
+    from .quant import load_quantized
+
+    t0 = time.perf_counter()
+    if args.no_quant:
+        from transformers import AutoModelForCausalLM
+
+        from .precision import resolve_compute_dtype
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=resolve_compute_dtype(args.compute_dtype).dtype)
+    else:
+        model = load_quantized(args.model, compute_dtype=args.compute_dtype)
+    targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
+    cfg = LoraConfig(
+        r=args.r,
+        lora_alpha=args.alpha if args.alpha is not None else args.r,
+        lora_dropout=args.dropout,
+        target_modules=targets,
+        init_lora_weights="olora" if args.init == "olora" else True,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_qolora_model(model, cfg, init_source=args.init_source)
+    report = peft_model.qolora_states["default"].report
+    if report is not None:
+        print(report)
+    out = save_adapter(peft_model, args.out)
+    print(f"adapter written to {out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qolora", description="QOLoRA: exact OLoRA adapters on a 4-bit NF4 base.")
+    p.add_argument("--version", action="version", version=f"qolora {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("init", help="load a model in 4-bit, OLoRA-initialize it, save the adapter dir")
+    q.add_argument("model", help="local model folder (or a hub id in the local cache)")
+    q.add_argument("out", help="adapter dir to write")
+    q.add_argument("--r", type=int, default=16, help="rank (default 16)")
+    q.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: r, so scale 1)")
+    q.add_argument("--dropout", type=float, default=0.0)
+    q.add_argument("--target-modules", default="all-linear", help="'all-linear' or comma-separated names")
+    q.add_argument("--init", choices=["olora", "lora"], default="olora")
+    q.add_argument("--init-source", choices=["auto", "checkpoint", "dequantized"], default="auto")
+    q.add_argument("--compute-dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    q.add_argument("--no-quant", action="store_true", help="keep the base unquantized")
+    q.set_defaults(func=_init)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"qolora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
