@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import quant
+from ._io import atomic_dir
 from .initialize import INIT_SOURCES, init_olora_, iter_targets, restore_olora_
 from .metadata import FACTORS_FILE, AdapterMeta
 from .precision import dtype_name
@@ -139,9 +138,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike[str], adapter_name
     """
     state = _state(model, adapter_name)
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), selected_adapters=[adapter_name])
         if adapter_name != "default":  # PEFT nests non-default adapters one level down
             for f in (tmp / adapter_name).iterdir():
@@ -154,22 +151,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike[str], adapter_name
                 tensors[f"{name}.A0"] = A0.detach().cpu().contiguous()
             save_file(tensors, str(tmp / FACTORS_FILE), metadata={"format": "qolora-initial-factors"})
         state.meta.write(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("saved adapter %r to %s", adapter_name, out)
     return out
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    old = None
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        dst.rename(old / dst.name)
-    src.rename(dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_factors(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

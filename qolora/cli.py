@@ -1,4 +1,4 @@
-"""The ``qolora`` command. Subcommands: ``init`` (more arrive with training and export)."""
+"""The ``qolora`` command: ``init``, ``train``, ``prepare-demo``."""
 
 from __future__ import annotations
 
@@ -44,6 +44,25 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .training import train
+
+    cfg = load_config(args.config, args.overrides)
+    out = train(cfg, resume=args.resume)
+    print(f"adapter written to {out}; metrics in {out.parent / 'metrics.json'}, plot in {out.parent / 'loss.png'}")
+    return 0
+
+
+def _prepare_demo(args: argparse.Namespace) -> int:
+    from .demo import prepare_demo
+
+    paths = prepare_demo(args.out)
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qolora", description="QOLoRA: exact OLoRA adapters on a 4-bit NF4 base.")
     p.add_argument("--version", action="version", version=f"qolora {__version__}")
@@ -61,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--compute-dtype", default="auto", help="auto, float32, bfloat16 or float16")
     q.add_argument("--no-quant", action="store_true", help="keep the base unquantized")
     q.set_defaults(func=_init)
+    t = sub.add_parser("train", help="fine-tune from a YAML config")
+    t.add_argument("config", help="YAML config (see examples/demo.yaml)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    t.set_defaults(func=_train)
+    d = sub.add_parser("prepare-demo", help="make the offline demo model folder and data")
+    d.add_argument("--out", default="demo", help="folder to write (default: demo)")
+    d.set_defaults(func=_prepare_demo)
     return p
 
 

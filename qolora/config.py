@@ -1,0 +1,229 @@
+"""Typed run configuration: one dataclass per concern, YAML in and out, ``key=value`` overrides.
+
+Validation raises ``ConfigError`` (a ``ValueError``) naming the dotted field and the bad value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+CONFIG_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the field."""
+
+
+@dataclass
+class QuantConfig:
+    type: Literal["nf4", "fp4", "none"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.compute_dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+            raise ConfigError(f"quant.compute_dtype: expected auto, float32, bfloat16 or float16, got {self.compute_dtype!r}")
+
+
+@dataclass
+class AdapterConfig:
+    init: Literal["olora", "lora"] = "olora"
+    r: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Union[str, list[str]] = "all-linear"
+    init_source: Literal["auto", "checkpoint", "dequantized"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"adapter.r: must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"adapter.alpha: must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"adapter.dropout: must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    eval: str | None = None
+    format: Literal["auto", "alpaca", "chat", "prompt_completion", "text"] = "auto"
+    template: Literal["auto", "chat", "plain"] = "auto"
+    max_length: int = 512
+    packing: bool = False
+    completion_only: bool = True
+    skip_bad_rows: bool = False
+    eval_fraction: float = 0.05
+    max_train_rows: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise ConfigError("data.train: required (a json, jsonl, csv or parquet file, or a saved dataset dir)")
+        if self.max_length < 8:
+            raise ConfigError(f"data.max_length: must be >= 8, got {self.max_length}")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction: must be in (0, 1), got {self.eval_fraction}")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/qolora"
+    max_steps: int = -1
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2.0e-4
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    optimizer: Literal["auto", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = "auto"
+    gradient_checkpointing: bool = True
+    seed: int = 0
+    save_steps: int = 100
+    save_total_limit: int = 2
+    eval_steps: int = 100
+    logging_steps: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "save_steps", "eval_steps", "logging_steps", "save_total_limit"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"train.max_steps: must be -1 (use epochs) or >= 1, got {self.max_steps}")
+        if self.epochs <= 0:
+            raise ConfigError(f"train.epochs: must be > 0, got {self.epochs}")
+
+
+@dataclass
+class Config:
+    model: str = ""
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("model: required (a local HF model folder or a cached hub id)")
+        if self.version != CONFIG_VERSION:
+            raise ConfigError(f"version: this QOLoRA reads config version {CONFIG_VERSION}, got {self.version}")
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    """Check (and lightly coerce: int -> float) ``value`` against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: expected one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _check_type(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} is not a valid value ({'; '.join(errors)})")
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: expected null, got {value!r}")
+        return None
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where + '.' if where else ''}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        tp = hints[name]
+        kwargs[name] = _build(tp, value, key) if dataclasses.is_dataclass(tp) else _check_type(value, tp, key)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from e
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one ``a.b=value`` override to raw config data; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key=value, e.g. train.lr=1e-4")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {p} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: value is not valid YAML ({e})") from e
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    data = dict(data)
+    for o in overrides:
+        apply_override(data, o)
+    return _build(Config, data, "")
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply ``key=value`` overrides, validate.
+
+    Relative data and model paths are resolved against the YAML file's folder when they exist
+    there.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
+    cfg = config_from_dict(data, overrides)
+    base = p.resolve().parent
+    for obj, name in ((cfg, "model"), (cfg.data, "train"), (cfg.data, "eval")):
+        value = getattr(obj, name)
+        if value and not Path(value).is_absolute() and (base / value).exists() and not Path(value).exists():
+            setattr(obj, name, str(base / value))
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | os.PathLike[str]) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, p)

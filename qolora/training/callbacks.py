@@ -1,0 +1,98 @@
+"""Run outputs written at every checkpoint and at the end: ``metrics.json`` and ``loss.png``."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+
+def peak_memory_bytes() -> dict[str, int]:
+    """Peak CUDA allocation (if any) and the process's peak RSS."""
+    out = {"cpu_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)}
+    if torch.cuda.is_available():
+        out["cuda_peak_allocated"] = int(torch.cuda.max_memory_allocated())
+    return out
+
+
+def metrics_from_history(log_history: list[dict[str, Any]]) -> dict[str, Any]:
+    history = [{"step": e["step"], "loss": e["loss"]} for e in log_history if "loss" in e and "step" in e]
+    evals = [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in log_history if "eval_loss" in e]
+    return {"history": history, "eval": evals}
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def plot_loss(metrics: dict[str, Any], path: Path) -> None:
+    """Train and eval loss against the step, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    h, e = metrics["history"], metrics["eval"]
+    if h:
+        ax.plot([x["step"] for x in h], [x["loss"] for x in h], label="train loss")
+    if e:
+        ax.plot([x["step"] for x in e], [x["eval_loss"] for x in e], "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+class MetricsCallback(TrainerCallback):
+    """Writes ``metrics.json`` and ``loss.png`` into the output dir at each save and at the end."""
+
+    def __init__(self, output_dir: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
+        self.out = Path(output_dir)
+        self.extra = extra or {}
+        self.t0 = time.perf_counter()
+        self.tokens0 = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.t0 = time.perf_counter()
+        self.tokens0 = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+
+    def write(self, state: Any) -> dict[str, Any]:
+        m = metrics_from_history(state.log_history)
+        wall = time.perf_counter() - self.t0
+        tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        m.update(
+            {
+                "global_step": state.global_step,
+                "max_steps": state.max_steps,
+                "wall_time_s": round(wall, 2),
+                "tokens_seen": tokens,
+                "tokens_per_s": round((tokens - self.tokens0) / wall, 1) if wall > 0 else None,
+                "peak_memory_bytes": peak_memory_bytes(),
+                **self.extra,
+            }
+        )
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.out / "metrics.json", m)
+        plot_loss(m, self.out / "loss.png")
+        return m
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.write(state)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.write(state)

@@ -1,0 +1,107 @@
+"""``train(cfg)``: the whole pipeline on one screen.
+
+load_quantized → get_qolora_model → build_trainer → train → save_adapter
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..adapters import get_qolora_model, load_adapter, save_adapter
+from ..config import Config, ConfigError, dump_config
+from ..precision import resolve_compute_dtype
+from ..quant import load_quantized
+from .data import load_rows
+from .tokenize import Encoder, pack, split_rows
+from .trainer import build_trainer, prepare_for_training_
+
+logger = logging.getLogger(__name__)
+
+INITIAL_ADAPTER = "initial_adapter"
+FINAL_ADAPTER = "adapter"
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The ``checkpoint-N`` dir with the largest N that holds a complete trainer state."""
+    found = []
+    for d in output_dir.glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        if m and (d / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), d))
+    return max(found)[1] if found else None
+
+
+def load_tokenizer(model: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def prepare_data(cfg: Config, tokenizer: Any) -> tuple[list, list, dict[str, Any]]:
+    """Validate and tokenize every row before any model is loaded."""
+    d = cfg.data
+    rows = load_rows(d.train, d.format, d.skip_bad_rows)
+    if d.max_train_rows:
+        rows.rows = rows.rows[: d.max_train_rows]
+    if d.eval:
+        eval_rows = load_rows(d.eval, d.format, d.skip_bad_rows)
+    else:
+        rows, eval_rows = split_rows(rows, d.eval_fraction, cfg.train.seed)
+    enc_train = Encoder(tokenizer, d.max_length, d.template, d.completion_only)
+    enc_eval = Encoder(tokenizer, d.max_length, d.template, d.completion_only)
+    train_ex, eval_ex = enc_train.encode_rows(rows), enc_eval.encode_rows(eval_rows)
+    if d.packing:
+        train_ex = pack(train_ex, d.max_length)
+    stats = {"train": vars(enc_train.stats), "eval": vars(enc_eval.stats), "skipped_rows": len(rows.skipped)}
+    return train_ex, eval_ex, stats
+
+
+def load_base(cfg: Config) -> nn.Module:
+    if cfg.quant.type == "none":
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=resolve_compute_dtype(cfg.quant.compute_dtype).dtype)
+    return load_quantized(cfg.model, compute_dtype=cfg.quant.compute_dtype, quant_type=cfg.quant.type,
+                          double_quant=cfg.quant.double_quant)
+
+
+def lora_config(cfg: Config) -> Any:
+    from peft import LoraConfig
+
+    a = cfg.adapter
+    return LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=a.target_modules,
+                      init_lora_weights="olora" if a.init == "olora" else True, task_type="CAUSAL_LM")
+
+
+def train(cfg: Config, resume: bool = False) -> Path:
+    """Fine-tune per ``cfg``; returns the final adapter dir. ``resume`` continues the latest checkpoint."""
+    out = Path(cfg.train.output_dir)
+    ckpt = latest_checkpoint(out) if out.exists() else None
+    if ckpt is not None and not resume:
+        raise ConfigError(f"train.output_dir: {out} already has {ckpt.name}; pass --resume, or choose another dir")
+    tokenizer = load_tokenizer(cfg.model)
+    train_ex, eval_ex, data_stats = prepare_data(cfg, tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    base = load_base(cfg)
+    prepare_for_training_(base, cfg.train.gradient_checkpointing)
+    if resume and (out / INITIAL_ADAPTER / "qolora.json").is_file():
+        model = load_adapter(out / INITIAL_ADAPTER, base, is_trainable=True)  # exact base, no QR
+    else:
+        model = get_qolora_model(base, lora_config(cfg), init_source=cfg.adapter.init_source)
+        save_adapter(model, out / INITIAL_ADAPTER)
+    if resume:
+        logger.info("resuming from %s", ckpt if ckpt else "the start: no checkpoint was complete")
+    report = model.qolora_states["default"].report
+    extra = {"data": data_stats, "init_report": report.to_dict() if report else None}
+    trainer = build_trainer(model, tokenizer, train_ex, eval_ex, cfg, extra, eval_on_start=not resume)
+    trainer.train(resume_from_checkpoint=str(ckpt) if (resume and ckpt) else None)
+    return save_adapter(model, out / FINAL_ADAPTER)
