@@ -63,6 +63,7 @@ class DataConfig:
     skip_bad_rows: bool = False
     eval_fraction: float = 0.05
     max_train_rows: int | None = None
+    max_eval_rows: int | None = None
 
     def __post_init__(self) -> None:
         if not self.train:
@@ -145,6 +146,11 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value

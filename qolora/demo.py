@@ -8,6 +8,7 @@ consecutive turns as prompt/completion pairs, with an eval split held out.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import logging
@@ -56,7 +57,10 @@ def convert_gguf(out: Path) -> Path:
         raise FileNotFoundError(f"{GGUF_FILE} not found in the {PIP_NAMES[GGUF_PACKAGE]} package")
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):  # the GGUF loader records one; a plain folder must not
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     del gguf_model
     with atomic_dir(out) as tmp:

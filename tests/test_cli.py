@@ -25,3 +25,14 @@ def test_cli_errors_are_one_line(tmp_path, llama_dir, capsys) -> None:
     assert err.startswith("qolora init: error:") and "missing" in err and "Traceback" not in err
     assert main(["init", str(llama_dir), str(tmp_path / "a"), "--r", "500"]) == 2
     assert "exceeds min" in capsys.readouterr().err
+
+
+def test_cli_train_errors_are_one_line(tmp_path, capsys) -> None:
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file" in capsys.readouterr().err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: m\ndata: {train: t.jsonl}\ntrain: {lr: fast}\n")
+    assert main(["train", str(cfg)]) == 2
+    assert capsys.readouterr().err.strip() == "qolora train: error: train.lr: expected float, got 'fast'"
+    assert main(["train", str(cfg), "train.lr=1e-4", "train.epochs=0"]) == 2
+    assert "train.epochs: must be > 0" in capsys.readouterr().err

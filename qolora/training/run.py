@@ -55,6 +55,8 @@ def prepare_data(cfg: Config, tokenizer: Any) -> tuple[list, list, dict[str, Any
         eval_rows = load_rows(d.eval, d.format, d.skip_bad_rows)
     else:
         rows, eval_rows = split_rows(rows, d.eval_fraction, cfg.train.seed)
+    if d.max_eval_rows:
+        eval_rows.rows = eval_rows.rows[: d.max_eval_rows]
     enc_train = Encoder(tokenizer, d.max_length, d.template, d.completion_only)
     enc_eval = Encoder(tokenizer, d.max_length, d.template, d.completion_only)
     train_ex, eval_ex = enc_train.encode_rows(rows), enc_eval.encode_rows(eval_rows)

@@ -1,0 +1,145 @@
+"""Data formats, completion-only labels, bad rows, packing, collation."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from qolora.training.data import DataError, load_rows
+from qolora.training.tokenize import IGNORE, Collator, Encoder, pack, split_rows
+
+from .conftest import make_tokenizer
+
+
+def _jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+ROWS = {
+    "alpaca": [{"instruction": "what is python", "input": "", "output": "code"}],
+    "chat": [{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi you"},
+                           {"role": "user", "content": "who are you"}, {"role": "assistant", "content": "a model"}]}],
+    "prompt_completion": [{"prompt": "how are you", "completion": "good thanks"}],
+    "text": [{"text": "the model is good"}],
+}
+
+
+@pytest.mark.parametrize("fmt", list(ROWS))
+def test_format_detection(tmp_path, fmt) -> None:
+    rows = load_rows(_jsonl(tmp_path / "d.jsonl", ROWS[fmt]))
+    assert rows.format == fmt and len(rows.rows) == 1
+
+
+def test_other_file_types(tmp_path) -> None:
+    (tmp_path / "d.json").write_text(json.dumps(ROWS["prompt_completion"] * 3))
+    assert len(load_rows(tmp_path / "d.json").rows) == 3
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["instruction", "input", "output"])
+        w.writeheader()
+        w.writerows(ROWS["alpaca"] * 2)
+    assert load_rows(tmp_path / "d.csv").format == "alpaca"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(ROWS["text"] * 4), tmp_path / "d.parquet")
+    assert len(load_rows(tmp_path / "d.parquet").rows) == 4
+    from datasets import Dataset
+
+    Dataset.from_list(ROWS["chat"] * 2).save_to_disk(str(tmp_path / "saved"))
+    assert load_rows(tmp_path / "saved").format == "chat"
+
+
+@pytest.mark.parametrize("row,msg", [
+    ({"prompt": "how are you"}, "row 2: field 'completion' is missing"),
+    ({"prompt": "how", "completion": 5}, "row 2: field 'completion' must be a string, got int"),
+    ({"prompt": "how", "completion": "   "}, "row 2: field 'completion' is empty"),
+    ("just a string", "row 2: row must be an object"),
+])
+def test_bad_rows_name_file_row_and_field(tmp_path, row, msg) -> None:
+    path = _jsonl(tmp_path / "bad.jsonl", [ROWS["prompt_completion"][0], row, ROWS["prompt_completion"][0]])
+    with pytest.raises(DataError, match=msg) as e:
+        load_rows(path)
+    assert "bad.jsonl" in str(e.value)
+    skipped = load_rows(path, skip_bad_rows=True)
+    assert len(skipped.rows) == 2 and len(skipped.skipped) == 1
+
+
+def test_bad_chat_rows_and_files(tmp_path) -> None:
+    bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}
+    with pytest.raises(DataError, match=r"row 1: field 'messages\[1\].role'"):
+        load_rows(_jsonl(tmp_path / "c.jsonl", [bad]), "chat")
+    (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(DataError, match="broken.jsonl row 2: not valid JSON"):
+        load_rows(tmp_path / "broken.jsonl")
+    with pytest.raises(DataError, match="cannot detect the format from fields"):
+        load_rows(_jsonl(tmp_path / "u.jsonl", [{"question": "a", "answer": "b"}]))
+    with pytest.raises(DataError, match="data file not found"):
+        load_rows(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match="unsupported file type"):
+        load_rows(_jsonl(tmp_path / "x.txt", [{"text": "a"}]))
+
+
+def test_labels_are_ignore_exactly_on_prompt_tokens_plain() -> None:
+    tok = make_tokenizer(chat=False)
+    enc = Encoder(tok, max_length=64)
+    ex = enc.encode({"prompt": "how are you", "completion": "good thanks"}, "prompt_completion")
+    prompt = tok("how are you", add_special_tokens=False)["input_ids"]
+    completion = tok("good thanks", add_special_tokens=False)["input_ids"]
+    assert ex["input_ids"] == [tok.bos_token_id] * (ex["input_ids"][0] == tok.bos_token_id) + prompt + completion + [
+        tok.eos_token_id]
+    n_prompt = len(ex["input_ids"]) - len(completion) - 1
+    assert ex["labels"][:n_prompt] == [IGNORE] * n_prompt
+    assert ex["labels"][n_prompt:] == completion + [tok.eos_token_id]
+
+
+def test_chat_template_trains_only_assistant_turns() -> None:
+    tok = make_tokenizer()
+    enc = Encoder(tok, max_length=128)
+    ex = enc.encode(ROWS["chat"][0], "chat")
+    trained = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE]
+    want = tok("hi you<|im_end|>\na model<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    assert trained == want
+    assert tok.decode(ex["input_ids"]).count("<|im_start|>") == 4
+    enc_all = Encoder(tok, max_length=128, completion_only=False)
+    assert IGNORE not in enc_all.encode(ROWS["chat"][0], "chat")["labels"]
+
+
+def test_alpaca_with_chat_template_and_plain() -> None:
+    tok = make_tokenizer()
+    chat = Encoder(tok, max_length=128).encode(ROWS["alpaca"][0], "alpaca")
+    assert [t for t, lab in zip(chat["input_ids"], chat["labels"]) if lab != IGNORE] == tok(
+        "code<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    plain = Encoder(tok, max_length=128, template="plain").encode(ROWS["alpaca"][0], "alpaca")
+    assert [t for t, lab in zip(plain["input_ids"], plain["labels"]) if lab != IGNORE] == tok(
+        "code", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def test_truncation_and_no_target_rows_are_counted(tmp_path) -> None:
+    tok = make_tokenizer(chat=False)
+    rows = load_rows(_jsonl(tmp_path / "d.jsonl", [
+        {"prompt": "how are you " * 10, "completion": "good"},  # prompt alone fills max_length
+        {"prompt": "hi", "completion": "good thanks " * 10},  # completion truncated
+        {"prompt": "hi", "completion": "fine"},
+    ]))
+    enc = Encoder(tok, max_length=12)
+    out = enc.encode_rows(rows)
+    assert len(out) == 2 and all(len(x["input_ids"]) <= 12 for x in out)
+    assert enc.stats.truncated == 2 and enc.stats.no_target == 1
+
+
+def test_pack_split_and_collate() -> None:
+    exs = [{"input_ids": [1, 2, 3], "labels": [IGNORE, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}]
+    assert pack(exs, 4) == [{"input_ids": [1, 2, 3, 4], "labels": [IGNORE, 2, 3, 4]},
+                            {"input_ids": [5], "labels": [5]}]
+    batch = Collator(pad_token_id=0)(exs)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, 2, 3], [4, 5, IGNORE]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    from qolora.training.data import Rows
+
+    tr, ev = split_rows(Rows("x", "text", [{"text": str(i)} for i in range(20)]), 0.1, seed=0)
+    assert len(tr.rows) == 18 and len(ev.rows) == 2
+    assert split_rows(Rows("x", "text", [{"text": str(i)} for i in range(20)]), 0.1, seed=0)[1].rows == ev.rows

@@ -1,0 +1,133 @@
+"""End-to-end training on a tiny model: outputs, errors before training, exact resume after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import qolora
+from qolora.config import config_from_dict
+from qolora.training import DataError, train
+
+from .conftest import logits
+
+
+def _data(tmp_path, n: int = 24) -> str:
+    words = ["hello", "hi", "good", "fine", "thanks", "yes", "no", "python", "code", "model"]
+    rows = [{"prompt": f"what is {words[i % 10]}", "completion": f"{words[(i * 3) % 10]} {words[(i * 7) % 10]}"}
+            for i in range(n)]
+    p = tmp_path / "train.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(p)
+
+
+def _cfg(model_dir, tmp_path, **train_kw):
+    train_cfg = {"output_dir": str(tmp_path / "run"), "max_steps": 6, "batch_size": 2, "lr": 1e-2,
+                 "save_steps": 2, "eval_steps": 3, "logging_steps": 1, "save_total_limit": 5, **train_kw}
+    return config_from_dict({
+        "model": str(model_dir),
+        "adapter": {"r": 4, "alpha": 4},
+        "data": {"train": _data(tmp_path), "max_length": 32, "eval_fraction": 0.2},
+        "train": train_cfg,
+    })
+
+
+def test_train_writes_outputs_and_learns(chat_model_dir, tmp_path) -> None:
+    cfg = _cfg(chat_model_dir, tmp_path, max_steps=8, save_steps=4, eval_steps=8)
+    adapter = train(cfg)
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.json", "loss.png", "initial_adapter/qolora.json", "adapter/qolora.json"):
+        assert (run / name).is_file(), name
+    m = json.loads((run / "metrics.json").read_text())
+    assert [h["step"] for h in m["history"]] == list(range(1, 9))
+    assert m["eval"][0]["step"] == 0 and m["eval"][-1]["step"] == 8
+    assert m["eval"][-1]["eval_loss"] < m["eval"][0]["eval_loss"]
+    assert m["tokens_seen"] > 0 and m["tokens_per_s"] > 0 and m["peak_memory_bytes"]["cpu_peak_rss"] > 0
+    assert m["init_report"]["sources"] == {"checkpoint": 14}
+    model = qolora.load_adapter(adapter, progress=False)
+    assert torch.isfinite(logits(model, torch.tensor([[1, 7, 8, 9]]))).all()
+
+
+def test_bad_data_fails_before_training(chat_model_dir, tmp_path) -> None:
+    cfg = _cfg(chat_model_dir, tmp_path)
+    with open(cfg.data.train, "a") as f:
+        f.write(json.dumps({"prompt": "hi"}) + "\n")
+    with pytest.raises(DataError, match="train.jsonl row 25: field 'completion' is missing"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_checkpoints_need_resume(chat_model_dir, tmp_path) -> None:
+    cfg = _cfg(chat_model_dir, tmp_path, max_steps=2)
+    train(cfg)
+    with pytest.raises(ValueError, match="pass --resume"):
+        train(cfg)
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from transformers import TrainerCallback
+    import qolora.training.run as run
+    from qolora.config import load_config
+
+    class KillAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == 4:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    build = run.build_trainer
+    def build_with_kill(*a, **k):
+        trainer = build(*a, **k)
+        trainer.add_callback(KillAfterSave())
+        return trainer
+    run.build_trainer = build_with_kill
+    run.train(load_config(sys.argv[1]))
+""")
+
+
+def test_resume_after_kill_9_matches_uninterrupted(chat_model_dir, tmp_path, monkeypatch) -> None:
+    from transformers import TrainerCallback
+
+    import qolora.training.run as run
+    from qolora.config import dump_config
+
+    ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
+    ref_dir.mkdir()
+    kill_dir.mkdir()
+    ref = _cfg(chat_model_dir, ref_dir, max_steps=7)
+    train(ref)
+    want = json.loads((ref_dir / "run" / "metrics.json").read_text())["history"]
+
+    cfg = _cfg(chat_model_dir, kill_dir, max_steps=7)
+    dump_config(cfg, kill_dir / "cfg.yaml")
+    (kill_dir / "killer.py").write_text(KILLER)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.run([sys.executable, str(kill_dir / "killer.py"), str(kill_dir / "cfg.yaml")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (kill_dir / "run" / "checkpoint-4").is_dir() and not (kill_dir / "run" / "adapter").exists()
+    steps_run = []
+
+    class Count(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            steps_run.append(state.global_step)
+
+    build = run.build_trainer
+
+    def build_counting(*a, **k):
+        trainer = build(*a, **k)
+        trainer.add_callback(Count())
+        return trainer
+
+    monkeypatch.setattr(run, "build_trainer", build_counting)
+    train(cfg, resume=True)
+    assert steps_run == [5, 6, 7]  # continued, not restarted
+    got = json.loads((kill_dir / "run" / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in got] == list(range(1, 8))
+    assert [h["loss"] for h in got] == [h["loss"] for h in want]
