@@ -74,3 +74,19 @@ def test_fingerprint_detects_changed_weights(llama_dir, tmp_path) -> None:
     assert "has changed" in quant.fingerprint_mismatch(fp, copy)
     f.unlink()
     assert quant.fingerprint_mismatch(fp, copy) is not None
+
+
+def test_checkpoint_found_in_local_hf_cache(llama_dir, tmp_path, monkeypatch) -> None:
+    """A hub id resolves to the cached snapshot, never the network."""
+    import shutil
+
+    import huggingface_hub.constants as hc
+
+    snap = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(llama_dir, snap)
+    (tmp_path / "hub" / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert quant.find_checkpoint("acme/tiny") == snap
+    assert quant.find_checkpoint("acme/not-cached") is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import sys
@@ -12,6 +13,8 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
 
 
 def peak_memory_bytes() -> dict[str, int]:
@@ -88,7 +91,10 @@ class MetricsCallback(TrainerCallback):
         )
         self.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.out / "metrics.json", m)
-        plot_loss(m, self.out / "loss.png")
+        try:
+            plot_loss(m, self.out / "loss.png")
+        except Exception as e:  # a plot must never end a training run
+            logger.warning("could not write %s: %s", self.out / "loss.png", e)
         return m
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
