@@ -1,6 +1,7 @@
 """QOLoRA: exact, fast OLoRA adapters on a 4-bit NF4 base, as standard PEFT models."""
 
 from .adapters import QoloraState, get_qolora_model, load_adapter, save_adapter
+from .export import export_lora, export_merged
 from .olora import olora_factors
 from .precision import resolve_compute_dtype
 from .quant import load_quantized
@@ -13,6 +14,8 @@ __all__ = [
     "LayerReport",
     "QoloraState",
     "__version__",
+    "export_lora",
+    "export_merged",
     "get_qolora_model",
     "load_adapter",
     "load_quantized",

@@ -55,11 +55,14 @@ def _base_meta(model: nn.Module, init: str, init_source: str, checkpoint: Path |
     name = getattr(model, "name_or_path", None) or None
     folder = checkpoint or quant.find_checkpoint(name)
     settings = None
-    for m in model.modules():
+    quantized = []
+    for name, m in model.named_modules():
         if quant.is_4bit(m):
-            settings = quant.quant_settings(m).to_dict()
-            settings["compute_dtype"] = dtype_name(m.compute_dtype or torch.float32)
-            break
+            quantized.append(name.removesuffix(".base_layer"))
+            if settings is None:
+                settings = quant.quant_settings(m).to_dict()
+                settings["compute_dtype"] = dtype_name(m.compute_dtype or torch.float32)
+                settings["device"] = m.weight.device.type  # NF4 kernels may round differently per device
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     return AdapterMeta(
         init=init,
@@ -69,6 +72,7 @@ def _base_meta(model: nn.Module, init: str, init_source: str, checkpoint: Path |
         fingerprint=quant.fingerprint(folder) if folder else None,
         quant=settings,
         dtype=dtype_name(dtype),
+        quantized_modules=quantized,
     )
 
 
@@ -113,6 +117,7 @@ def get_qolora_model(
         result = init_olora_(peft_model, adapter_name, init_source, checkpoint, progress)
         meta = _base_meta(model, kind, init_source, result.checkpoint)
         meta.layer_sources = {x.name: x.source for x in result.report.layers}
+        meta.transposed = sorted(result.transposed)
         state = QoloraState(meta, result.factors, result.report)
     else:
         state = QoloraState(_base_meta(model, kind, init_source, None))

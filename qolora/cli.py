@@ -1,4 +1,4 @@
-"""The ``qolora`` command: ``init``, ``train``, ``prepare-demo``."""
+"""The ``qolora`` command: ``init``, ``train``, ``export``, ``prepare-demo``."""
 
 from __future__ import annotations
 
@@ -54,6 +54,24 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_lora, export_merged
+
+    if args.kind == "merged":
+        result = export_merged(args.adapter_dir, args.out_dir, mode=args.mode, dtype=args.dtype,
+                               overwrite=args.overwrite, checkpoint=args.checkpoint,
+                               max_shard_bytes=int(args.max_shard_gb * 2**30))
+        print(result)
+    else:
+        result, gap = export_lora(args.adapter_dir, args.out_dir, overwrite=args.overwrite,
+                                  checkpoint=args.checkpoint, measure_gap=args.gap)
+        print(result)
+        if gap is not None:
+            print(f"gap to the trained model: mean relative weight difference {gap:.5f} "
+                  "(the residual's NF4 error, which the portable adapter on the original base does not have)")
+    return 0
+
+
 def _prepare_demo(args: argparse.Namespace) -> int:
     from .demo import prepare_demo
 
@@ -85,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     t.set_defaults(func=_train)
+    e = sub.add_parser("export", help="merged 16-bit model, or portable LoRA for the original base")
+    e.add_argument("kind", choices=["merged", "lora"])
+    e.add_argument("adapter_dir")
+    e.add_argument("out_dir")
+    e.add_argument("--mode", choices=["trained", "original"], default="trained", help="merged: which model to write")
+    e.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16", help="merged: output dtype")
+    e.add_argument("--max-shard-gb", type=float, default=2.0, help="merged: output shard size")
+    e.add_argument("--checkpoint", default=None, help="base checkpoint folder, if it moved")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
+    e.add_argument("--gap", action="store_true", help="lora: measure the gap to the trained model")
+    e.set_defaults(func=_export)
     d = sub.add_parser("prepare-demo", help="make the offline demo model folder and data")
     d.add_argument("--out", default="demo", help="folder to write (default: demo)")
     d.set_defaults(func=_prepare_demo)
@@ -96,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, OSError) as e:  # FileNotFoundError and FileExistsError are OSErrors
         print(f"qolora {args.command}: error: {e}", file=sys.stderr)
         return 2
 

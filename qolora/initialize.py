@@ -110,6 +110,7 @@ class WeightSource:
         prefix = getattr(model, "base_model_prefix", "")
         self.prefixes = (prefix,) if prefix else ()
         self._warned = False
+        self.transposed: set[str] = set()
 
     def get(self, t: Target, require: str | None = None) -> tuple[torch.Tensor, str, torch.Tensor | None]:
         """W for one layer.
@@ -154,6 +155,8 @@ class WeightSource:
         candidates = [c.contiguous() for c in (raw, raw.T) if tuple(c.shape) == (out, inp)]
         dists = [float(torch.dist(c, W4)) for c in candidates]
         W, dist = min(zip(candidates, dists), key=lambda cd: cd[1])
+        if W.data_ptr() != raw.data_ptr():  # the (in, out) orientation won
+            self.transposed.add(t.name)
         diff = dist / max(float(torch.linalg.vector_norm(W)), 1e-30)
         if diff > _MATCH_TOLERANCE:
             return None, f"{self.folder}: {key} does not match the loaded weight (relative difference {diff:.2f})"
@@ -178,6 +181,7 @@ class InitResult:
     report: InitReport
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     checkpoint: Path | None = None
+    transposed: set[str] = field(default_factory=set)
 
 
 def _write_base_(t: Target, W_res: torch.Tensor) -> None:
@@ -235,6 +239,7 @@ def init_olora_(
         result.factors[t.name] = (lora_B.detach().clone(), lora_A.detach().clone())
         result.report.layers.append(LayerReport(t.name, t.shape(), src, time.perf_counter() - t0, err, qlora_err))
     result.report.seconds = time.perf_counter() - t_all
+    result.transposed = set(source.transposed)
     logger.info("%s", result.report)
     return result
 

@@ -41,6 +41,8 @@ class AdapterMeta:
         fingerprint: ``qolora.quant.fingerprint`` of that folder.
         quant: the 4-bit settings (``QuantSettings.to_dict`` plus compute_dtype), None unquantized.
         dtype: dtype of the base's unquantized parameters.
+        quantized_modules: names of the base's 4-bit linear layers (targets or not).
+        transposed: target layers whose checkpoint tensor is stored (in, out), as Conv1D's is.
     """
 
     init: str
@@ -52,6 +54,8 @@ class AdapterMeta:
     quant: dict[str, Any] | None = None
     dtype: str = "float32"
     adapter_name: str = "default"
+    quantized_modules: list[str] = field(default_factory=list)
+    transposed: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,8 +68,14 @@ class AdapterMeta:
                 "fingerprint": self.fingerprint,
             },
             "quant": self.quant,
+            "quantized_modules": self.quantized_modules,
             "dtype": self.dtype,
-            "init": {"method": self.init, "init_source": self.init_source, "layer_sources": self.layer_sources},
+            "init": {
+                "method": self.init,
+                "init_source": self.init_source,
+                "layer_sources": self.layer_sources,
+                "transposed": self.transposed,
+            },
             "versions": library_versions(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -97,6 +107,8 @@ class AdapterMeta:
                 checkpoint=base.get("checkpoint"),
                 fingerprint=base.get("fingerprint"),
                 quant=d.get("quant"),
+                quantized_modules=list(d.get("quantized_modules", [])),
+                transposed=list(init.get("transposed", [])),
                 dtype=d.get("dtype", "float32"),
                 adapter_name=d.get("adapter_name", "default"),
             )

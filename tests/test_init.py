@@ -64,6 +64,7 @@ def test_gpt2_4bit_uses_checkpoint_in_either_orientation(gpt2_dir) -> None:
         r=4, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights="olora"), progress=False)
     report = model.qolora_states["default"].report
     assert report.sources() == {"checkpoint": 8}
+    assert len(model.qolora_states["default"].meta.transposed) == 8  # Conv1D checkpoints store (in, out)
     assert all(x.rel_err < x.qlora_rel_err * 1.05 for x in report.layers)
 
 
