@@ -81,7 +81,10 @@ def read_adapter(adapter_dir: str | os.PathLike[str], checkpoint: str | os.PathL
         if not (adir / FACTORS_FILE).is_file():
             raise FileNotFoundError(f"{adir / FACTORS_FILE} not found: OLoRA exports need the initial factors")
         f0 = load_file(str(adir / FACTORS_FILE))
-        parts.initial = {n: (f0[f"{n}.B0"], f0[f"{n}.A0"]) for n in parts.weights}
+        try:
+            parts.initial = {n: (f0[f"{n}.B0"], f0[f"{n}.A0"]) for n in parts.weights}
+        except KeyError as e:
+            raise ValueError(f"{adir / FACTORS_FILE}: no initial factor {e} for an adapter layer") from e
     return parts
 
 

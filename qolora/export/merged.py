@@ -155,7 +155,8 @@ def export_merged(
     with atomic_dir(out) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         for key in tqdm(ckpt.keys(), desc=f"export {mode}", unit="tensor", disable=not progress):
-            W = ckpt.get(key, device=device)
+            exact = key in targets or (mode == "trained" and key in quantized and settings is not None)
+            W = ckpt.get(key, device=device, dtype=torch.float32 if exact else None)  # copies: no fp32 detour
             if key in targets:
                 name = targets[key]
                 flip = name in parts.meta.transposed

@@ -58,13 +58,13 @@ class CheckpointWeights:
         with safe_open(str(self._key_to_file[key]), framework="pt") as h:
             return tuple(h.get_slice(key).get_shape())
 
-    def get(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        """One tensor, as float32 on ``device``."""
+    def get(self, key: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """One tensor on ``device``, as ``dtype`` (float32 by default; None keeps the stored dtype)."""
         if key not in self._key_to_file:
             raise KeyError(f"{self.folder}: tensor {key!r} is not in the checkpoint")
         with safe_open(str(self._key_to_file[key]), framework="pt", device="cpu") as h:
             t = h.get_tensor(key)
-        return t.to(device=device, dtype=torch.float32)
+        return t.to(device=device, dtype=dtype or t.dtype)
 
     def find(self, module_name: str, prefixes: tuple[str, ...] = ()) -> str | None:
         """The checkpoint key of ``module_name``'s weight, or None.
