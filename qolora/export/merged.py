@@ -45,7 +45,7 @@ class ExportResult:
     merged_layers: int
 
     def __str__(self) -> str:
-        return (f"wrote {self.out_dir}: {self.tensors} tensors ({self.merged_layers} merged), "
+        return (f"wrote {self.out_dir}: {self.tensors} tensors ({self.merged_layers} adapter layers), "
                 f"{self.bytes_written / 2**20:.1f} MiB in {self.seconds:.1f} s, peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB")
 
 
@@ -211,7 +211,7 @@ tags: [qolora, olora, lora, merged]
 # Merged QOLoRA fine-tune of {Path(base).name}
 
 - Base model: `{base}`
-- Method: {meta.init.upper()} adapters (arXiv 2406.01775) on a {'4-bit ' + meta.quant['quant_type'].upper() if meta.quant else 'full-precision'} base, trained with QOLoRA
+- Method: {'OLoRA' if meta.init == 'olora' else 'LoRA'} adapters (arXiv 2406.01775) on a {'4-bit ' + meta.quant['quant_type'].upper() if meta.quant else 'full-precision'} base, trained with QOLoRA
 - Rank {c['r']}, alpha {c['lora_alpha']}, target modules {c.get('target_modules')}
 - Training data: {_training_data(parts)}
 - Merge mode `{mode}`: {how}
