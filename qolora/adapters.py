@@ -171,7 +171,8 @@ def _read_factors(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         raise ValueError(f"{path}: missing tensor {e}") from e
 
 
-def _load_base(meta: AdapterMeta, meta_path: Path, device_map: Any) -> nn.Module:
+def load_recorded_base(meta: AdapterMeta, meta_path: Path, device_map: Any = None) -> nn.Module:
+    """The base model an adapter was made on, loaded as at init (4-bit settings, dtype)."""
     ref = meta.checkpoint or meta.base_model
     if not ref or not Path(ref).is_dir():
         raise FileNotFoundError(
@@ -239,7 +240,7 @@ def load_adapter(
     folder = str(checkpoint) if checkpoint is not None else meta.checkpoint
     _verify_base(meta, meta_path, folder)
     if base_model is None:
-        base_model = _load_base(meta, meta_path, device_map)
+        base_model = load_recorded_base(meta, meta_path, device_map)
     is_4bit = any(quant.is_4bit(m) for m in base_model.modules())
     if is_4bit != (meta.quant is not None):
         raise ValueError(f"{meta_path}: adapter was made on a {'4-bit' if meta.quant else 'unquantized'} base")

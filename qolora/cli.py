@@ -1,4 +1,4 @@
-"""The ``qolora`` command: ``init``, ``train``, ``export``, ``prepare-demo``."""
+"""The ``qolora`` command: ``init``, ``train``, ``export``, ``eval``, ``compare``, ``prepare-demo``."""
 
 from __future__ import annotations
 
@@ -72,6 +72,37 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .training.evaluate import evaluate, format_table
+
+    result = evaluate(args.adapter_dir, args.data, args.source_data, batch_size=args.batch_size, max_rows=args.max_rows)
+    print(format_table(result))
+    if args.out:
+        from pathlib import Path
+
+        from .training.callbacks import write_json_atomic
+
+        write_json_atomic(Path(args.out), result)
+        print(f"wrote {args.out}")
+    else:
+        print(json.dumps(result))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .training.compare import compare, format_summary
+
+    cfg = load_config(args.config, args.overrides)
+    ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else None
+    summary = compare(cfg, args.inits.split(","), ranks, args.out, args.target_loss)
+    print(format_summary(summary))
+    print(f"wrote {args.out}/compare.json and {args.out}/compare.png")
+    return 0
+
+
 def _prepare_demo(args: argparse.Namespace) -> int:
     from .demo import prepare_demo
 
@@ -114,6 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
     e.add_argument("--gap", action="store_true", help="lora: measure the gap to the trained model")
     e.set_defaults(func=_export)
+    v = sub.add_parser("eval", help="loss/perplexity of base and fine-tuned model; learn and forget")
+    v.add_argument("adapter_dir")
+    v.add_argument("--data", required=True, help="target-domain eval data (same formats as training)")
+    v.add_argument("--source-data", default=None, help="source-domain data, for forgetting")
+    v.add_argument("--out", default=None, help="write the result as JSON here")
+    v.add_argument("--batch-size", type=int, default=8)
+    v.add_argument("--max-rows", type=int, default=None)
+    v.set_defaults(func=_eval)
+    c = sub.add_parser("compare", help="train once per init (and rank) and compare convergence")
+    c.add_argument("config")
+    c.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
+    c.add_argument("--inits", default="olora,lora")
+    c.add_argument("--ranks", default=None, help="comma-separated ranks (default: the config's)")
+    c.add_argument("--out", default="runs/compare")
+    c.add_argument("--target-loss", type=float, default=None, help="default: the worst run's final EMA loss")
+    c.set_defaults(func=_compare)
     d = sub.add_parser("prepare-demo", help="make the offline demo model folder and data")
     d.add_argument("--out", default="demo", help="folder to write (default: demo)")
     d.set_defaults(func=_prepare_demo)

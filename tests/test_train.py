@@ -12,30 +12,9 @@ import pytest
 import torch
 
 import qolora
-from qolora.config import config_from_dict
 from qolora.training import DataError, train
 
-from .conftest import logits
-
-
-def _data(tmp_path, n: int = 24) -> str:
-    words = ["hello", "hi", "good", "fine", "thanks", "yes", "no", "python", "code", "model"]
-    rows = [{"prompt": f"what is {words[i % 10]}", "completion": f"{words[(i * 3) % 10]} {words[(i * 7) % 10]}"}
-            for i in range(n)]
-    p = tmp_path / "train.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(p)
-
-
-def _cfg(model_dir, tmp_path, **train_kw):
-    train_cfg = {"output_dir": str(tmp_path / "run"), "max_steps": 6, "batch_size": 2, "lr": 1e-2,
-                 "save_steps": 2, "eval_steps": 3, "logging_steps": 1, "save_total_limit": 5, **train_kw}
-    return config_from_dict({
-        "model": str(model_dir),
-        "adapter": {"r": 4, "alpha": 4},
-        "data": {"train": _data(tmp_path), "max_length": 32, "eval_fraction": 0.2},
-        "train": train_cfg,
-    })
+from .conftest import logits, tiny_data as _data, tiny_train_config as _cfg
 
 
 def test_train_writes_outputs_and_learns(chat_model_dir, tmp_path) -> None:

@@ -1,0 +1,113 @@
+"""``qolora eval``: loss and perplexity of the base and the fine-tuned model; learn and forget.
+
+learn = base loss − fine-tuned loss on the target data; forget = fine-tuned loss − base loss
+on source-domain data ("LoRA Learns Less and Forgets Less", Biderman et al., arXiv 2405.09673).
+The base is the model the adapter was made on, loaded as at init (the 4-bit QLoRA base).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapters import load_adapter, load_recorded_base
+from ..metadata import META_FILE, AdapterMeta
+from .data import load_rows
+from .tokenize import IGNORE, Collator, Encoder
+
+
+@dataclass
+class LossResult:
+    loss: float
+    perplexity: float
+    tokens: int
+    examples: int
+
+
+@torch.no_grad()
+def completion_loss(model: nn.Module, examples: list[dict[str, list[int]]], pad_id: int, batch_size: int = 8,
+                    desc: str = "eval") -> LossResult:
+    """Token-weighted mean cross-entropy over the target (label != -100) tokens."""
+    model.eval()
+    collate = Collator(pad_id)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch"):
+        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size]).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                             ignore_index=IGNORE, reduction="sum")
+        total += float(ce)
+        count += int((labels != IGNORE).sum())
+    loss = total / max(count, 1)
+    return LossResult(loss, math.exp(min(loss, 50.0)), count, len(examples))
+
+
+def _train_settings(adapter_dir: Path) -> dict[str, Any]:
+    """data.template / max_length / completion_only from the training run's config.yaml, if any."""
+    cfg = adapter_dir.parent / "config.yaml"
+    if not cfg.is_file():
+        return {}
+    import yaml
+
+    data = (yaml.safe_load(cfg.read_text()) or {}).get("data", {})
+    return {k: data[k] for k in ("template", "max_length", "completion_only") if k in data}
+
+
+def evaluate(
+    adapter_dir: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    source_data: str | os.PathLike[str] | None = None,
+    *,
+    batch_size: int = 8,
+    max_rows: int | None = None,
+) -> dict[str, Any]:
+    """Base and fine-tuned loss on ``data`` (and ``source_data``), with learn and forget."""
+    from .run import load_tokenizer
+
+    adir = Path(adapter_dir)
+    meta = AdapterMeta.read(adir)
+    settings = {"template": "auto", "max_length": 512, "completion_only": True, **_train_settings(adir)}
+    tokenizer = load_tokenizer(meta.checkpoint or meta.base_model)
+    sets = {"target": data, **({"source": source_data} if source_data else {})}
+    examples = {}
+    for name, path in sets.items():
+        rows = load_rows(path)
+        rows.rows = rows.rows[:max_rows] if max_rows else rows.rows
+        examples[name] = Encoder(tokenizer, settings["max_length"], settings["template"],
+                                 settings["completion_only"]).encode_rows(rows)
+    pad = tokenizer.pad_token_id
+    base = load_recorded_base(meta, adir / META_FILE)
+    result: dict[str, Any] = {"adapter": str(adir), "data": {k: str(v) for k, v in sets.items()}}
+    for name, ex in examples.items():
+        result[f"base_{name}"] = asdict(completion_loss(base, ex, pad, batch_size, f"base {name}"))
+    tuned = load_adapter(adir, base, progress=False)  # turns the base into the residual in place
+    for name, ex in examples.items():
+        result[f"tuned_{name}"] = asdict(completion_loss(tuned, ex, pad, batch_size, f"fine-tuned {name}"))
+    result["learn"] = result["base_target"]["loss"] - result["tuned_target"]["loss"]
+    if source_data:
+        result["forget"] = result["tuned_source"]["loss"] - result["base_source"]["loss"]
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"{'set':<8} {'model':<11} {'loss':>8} {'ppl':>10} {'tokens':>8}"]
+    for name in ("target", "source"):
+        for who in ("base", "tuned"):
+            r = result.get(f"{who}_{name}")
+            if r:
+                label = "fine-tuned" if who == "tuned" else "base"
+                lines.append(f"{name:<8} {label:<11} {r['loss']:>8.4f} {r['perplexity']:>10.2f} {r['tokens']:>8}")
+    lines.append(f"learn  (base - fine-tuned, target): {result['learn']:+.4f}")
+    if "forget" in result:
+        lines.append(f"forget (fine-tuned - base, source): {result['forget']:+.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""qolora eval (learn/forget) and qolora compare on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+from qolora.cli import main
+from qolora.training import train
+from qolora.training.compare import compare, summarize
+from qolora.training.evaluate import evaluate
+
+from .conftest import tiny_train_config
+
+
+def _source(tmp_path) -> str:
+    rows = [{"text": "the answer is good and the code is fine"}, {"text": "hello who are you my name is model"}]
+    p = tmp_path / "source.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
+    return str(p)
+
+
+def test_eval_learn_and_forget(chat_model_dir, tmp_path, capsys) -> None:
+    cfg = tiny_train_config(chat_model_dir, tmp_path, max_steps=10, eval_steps=10, save_steps=10)
+    adapter = train(cfg)
+    result = evaluate(adapter, cfg.data.train, _source(tmp_path), batch_size=4)
+    assert result["tuned_target"]["loss"] < result["base_target"]["loss"]
+    assert result["learn"] == result["base_target"]["loss"] - result["tuned_target"]["loss"] > 0
+    assert result["forget"] == result["tuned_source"]["loss"] - result["base_source"]["loss"]
+    assert result["base_target"]["tokens"] == result["tuned_target"]["tokens"] > 0
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(adapter), "--data", cfg.data.train, "--out", str(out)]) == 0
+    assert "learn" in capsys.readouterr().out
+    assert json.loads(out.read_text())["learn"] > 0
+
+
+def test_compare_runs_each_init_and_reuses_finished_runs(chat_model_dir, tmp_path, monkeypatch) -> None:
+    cfg = tiny_train_config(chat_model_dir, tmp_path, max_steps=4, eval_steps=4, save_steps=4)
+    summary = compare(cfg, ["olora", "lora"], [2, 4], tmp_path / "cmp")
+    assert set(summary["runs"]) == {"olora-r2", "lora-r2", "olora-r4", "lora-r4"}
+    for r in summary["runs"].values():
+        assert r["final_eval_loss"] is not None and r["steps_to_target"] is not None
+    assert (tmp_path / "cmp" / "compare.png").is_file()
+    saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert saved["runs"].keys() == summary["runs"].keys()
+    cfg_r4 = json.loads((tmp_path / "cmp" / "olora-r4" / "adapter" / "adapter_config.json").read_text())
+    assert cfg_r4["r"] == 4 and cfg_r4["lora_alpha"] == 4  # alpha/r kept from the config (4/4)
+
+    def fail(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr("qolora.training.compare.train", fail)
+    assert compare(cfg, ["olora", "lora"], [2, 4], tmp_path / "cmp")["runs"].keys() == summary["runs"].keys()
+
+
+def test_summarize_steps_to_target() -> None:
+    runs = {
+        "fast": {"history": [{"step": s, "loss": 3.0 - 0.5 * s} for s in range(1, 5)], "eval": []},
+        "slow": {"history": [{"step": s, "loss": 3.0 - 0.2 * s} for s in range(1, 5)], "eval": []},
+    }
+    s = summarize(runs, target_loss=2.7)  # EMA: fast reaches it at step 1, slow at step 3
+    assert (s["runs"]["fast"]["steps_to_target"], s["runs"]["slow"]["steps_to_target"]) == (1, 3)
+    assert s["runs"]["slow"]["loss_at_step"]["4"] == 3.0 - 0.8
