@@ -85,6 +85,37 @@ def corpus_pairs(corpus_dir: Path) -> list[dict[str, str]]:
     return pairs
 
 
+# A second, different offline dataset: Python standard-library docstrings (prompt: what does X do?).
+STDLIB_MODULES = (
+    "argparse", "base64", "bisect", "collections", "copy", "csv", "datetime", "difflib", "fnmatch", "functools",
+    "glob", "gzip", "hashlib", "heapq", "html", "inspect", "io", "itertools", "json", "logging", "math", "operator",
+    "os", "os.path", "pathlib", "pprint", "random", "re", "shlex", "shutil", "statistics", "string", "subprocess",
+    "tarfile", "tempfile", "textwrap", "threading", "time", "typing", "unicodedata", "urllib.parse", "uuid",
+    "zipfile", "zlib",
+)
+
+
+def docstring_pairs(max_chars: int = 400) -> list[dict[str, str]]:
+    """(prompt, completion) pairs from the first paragraph of public stdlib docstrings."""
+    import importlib
+    import inspect
+
+    pairs, seen = [], set()
+    for mod_name in STDLIB_MODULES:
+        mod = importlib.import_module(mod_name)
+        for name, obj in sorted(vars(mod).items()):
+            if name.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)):
+                continue
+            doc = inspect.getdoc(obj) or ""
+            para = " ".join(doc.split("\n\n")[0].split())
+            key = f"{mod_name}.{name}"
+            if len(para) < 20 or para in seen:
+                continue
+            seen.add(para)
+            pairs.append({"prompt": f"What does Python's {key} do?", "completion": para[:max_chars]})
+    return pairs
+
+
 def write_jsonl(rows: list[dict[str, str]], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -106,4 +137,11 @@ def prepare_demo(out: str | Path = "demo", eval_fraction: float = 0.1, seed: int
     write_jsonl(pairs[n_eval:], out / "data" / "train.jsonl")
     write_jsonl(pairs[:n_eval], out / "data" / "eval.jsonl")
     logger.info("demo data: %d train and %d eval pairs in %s", len(pairs) - n_eval, n_eval, out / "data")
-    return {"model": model_dir, "train": out / "data" / "train.jsonl", "eval": out / "data" / "eval.jsonl"}
+    docs = docstring_pairs()
+    random.Random(seed).shuffle(docs)
+    n_docs_eval = int(len(docs) * eval_fraction)
+    write_jsonl(docs[n_docs_eval:], out / "data" / "pydoc_train.jsonl")
+    write_jsonl(docs[:n_docs_eval], out / "data" / "pydoc_eval.jsonl")
+    logger.info("second dataset: %d train and %d eval stdlib docstring pairs", len(docs) - n_docs_eval, n_docs_eval)
+    return {"model": model_dir, "train": out / "data" / "train.jsonl", "eval": out / "data" / "eval.jsonl",
+            "pydoc_train": out / "data" / "pydoc_train.jsonl", "pydoc_eval": out / "data" / "pydoc_eval.jsonl"}
