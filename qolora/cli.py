@@ -103,6 +103,18 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .plan import plan
+
+    p = plan(args.model, args.seq_len, args.batch_size, args.rank, args.gpu_memory, optimizer=args.optimizer,
+             gradient_checkpointing=not args.no_gradient_checkpointing, chunked_ce=not args.no_chunked_ce,
+             offload=args.offload_activations)
+    print(json.dumps(p.to_json()) if args.json else p)
+    return 0
+
+
 def _prepare_demo(args: argparse.Namespace) -> int:
     from .demo import prepare_demo
 
@@ -161,6 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="runs/compare")
     c.add_argument("--target-loss", type=float, default=None, help="default: the worst run's final EMA loss")
     c.set_defaults(func=_compare)
+    pl = sub.add_parser("plan", help="will a fine-tune fit on a GPU? reads config.json only")
+    pl.add_argument("model", help="model folder, config.json, or cached hub id")
+    pl.add_argument("--seq-len", type=int, required=True)
+    pl.add_argument("--batch-size", type=int, default=1)
+    pl.add_argument("--rank", type=int, default=16)
+    pl.add_argument("--gpu-memory", default="24GiB")
+    pl.add_argument("--optimizer", default="paged_adamw_8bit",
+                    choices=["paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch"])
+    pl.add_argument("--no-gradient-checkpointing", action="store_true")
+    pl.add_argument("--no-chunked-ce", action="store_true")
+    pl.add_argument("--offload-activations", action="store_true")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=_plan)
     d = sub.add_parser("prepare-demo", help="make the offline demo model folder and data")
     d.add_argument("--out", default="demo", help="folder to write (default: demo)")
     d.set_defaults(func=_prepare_demo)

@@ -86,6 +86,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     optimizer: Literal["auto", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = "auto"
     gradient_checkpointing: bool = True
+    chunked_ce: bool = True
+    ce_chunk: int = 1024
+    offload_activations: bool = False
     seed: int = 0
     save_steps: int = 100
     save_total_limit: int = 2
@@ -93,7 +96,8 @@ class TrainConfig:
     logging_steps: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "save_steps", "eval_steps", "logging_steps", "save_total_limit"):
+        for name in ("batch_size", "grad_accum", "save_steps", "eval_steps", "logging_steps", "save_total_limit",
+                     "ce_chunk"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:

@@ -1,7 +1,17 @@
 """Everything that touches bitsandbytes: NF4 (de/re)quantization, 4-bit loading, weight sources."""
 
 from .loading import bnb_config, load_quantized
-from .nf4 import QuantSettings, dequantize, is_4bit, quant_settings, quantize, quantize_linear, requantize_, roundtrip
+from .nf4 import (
+    QuantSettings,
+    dequantize,
+    is_4bit,
+    linear4bit,
+    quant_settings,
+    quantize,
+    quantize_linear,
+    requantize_,
+    roundtrip,
+)
 from .source import CheckpointWeights, find_checkpoint, fingerprint, fingerprint_mismatch
 
 __all__ = [
@@ -13,6 +23,7 @@ __all__ = [
     "fingerprint",
     "fingerprint_mismatch",
     "is_4bit",
+    "linear4bit",
     "load_quantized",
     "quant_settings",
     "quantize",

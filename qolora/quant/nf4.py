@@ -156,7 +156,8 @@ def requantize_(layer: nn.Module, W: torch.Tensor, settings: QuantSettings | Non
     bnb = _bnb()
     settings = settings or quant_settings(layer)
     old = layer.weight
-    data, state = quantize(W.to(old.device), settings)
+    device = W.device if old.device.type == "meta" else old.device  # a layer built on meta takes W's device
+    data, state = quantize(W.to(device), settings)
     layer.weight = bnb.nn.Params4bit(
         data,
         requires_grad=False,
@@ -178,23 +179,21 @@ def roundtrip(W: torch.Tensor, settings: QuantSettings) -> torch.Tensor:
     return bnb.functional.dequantize_4bit(data, state).to(torch.float32)
 
 
-def quantize_linear(linear: nn.Linear, settings: QuantSettings, compute_dtype: torch.dtype) -> nn.Module:
-    """Build a ``Linear4bit`` from a float ``nn.Linear`` (tests and synthetic benchmarks).
-
-    The returned layer is on ``linear``'s device and owns a quantized copy of its weight.
-    """
+def linear4bit(W: torch.Tensor, settings: QuantSettings, compute_dtype: torch.dtype,
+               bias: torch.Tensor | None = None) -> nn.Module:
+    """A ``Linear4bit`` holding ``W`` (out, in) quantized once, on W's device, with no float copy
+    of the layer ever allocated (synthetic 7B models are built this way, one matrix at a time)."""
     bnb = _bnb()
-    layer = bnb.nn.Linear4bit(
-        linear.in_features,
-        linear.out_features,
-        bias=linear.bias is not None,
-        compute_dtype=compute_dtype,
-        compress_statistics=settings.double_quant,
-        quant_type=settings.quant_type,
-        quant_storage=settings.quant_storage,
-        device=linear.weight.device,
-    )
-    if linear.bias is not None:
-        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
-    requantize_(layer, linear.weight.detach(), settings)
+    out_f, in_f = W.shape
+    layer = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=compute_dtype,
+                              compress_statistics=settings.double_quant, quant_type=settings.quant_type,
+                              quant_storage=settings.quant_storage, device="meta")
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    requantize_(layer, W.detach(), settings)
     return layer
+
+
+def quantize_linear(linear: nn.Linear, settings: QuantSettings, compute_dtype: torch.dtype) -> nn.Module:
+    """Build a ``Linear4bit`` from a float ``nn.Linear`` (tests and synthetic benchmarks)."""
+    return linear4bit(linear.weight.detach(), settings, compute_dtype, linear.bias)

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import Config
 from .callbacks import MetricsCallback
+from .losses import IGNORE, chunked_ce_sum
 from .tokenize import Collator
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,55 @@ def prepare_for_training_(model: nn.Module, gradient_checkpointing: bool) -> Non
         model.enable_input_require_grads()
 
 
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers *ForCausalLM inside a PeftModel (or the model itself)."""
+    inner = getattr(getattr(model, "base_model", None), "model", None)
+    return inner if inner is not None and hasattr(inner, "lm_head") else model
+
+
+def supports_chunked_ce(lm: nn.Module) -> bool:
+    """A plain bias-free lm_head on ``lm.model``'s last hidden state, no logit soft-capping."""
+    head = getattr(lm, "lm_head", None)
+    cfg = getattr(lm, "config", None)
+    return (isinstance(head, nn.Linear) and head.bias is None and hasattr(lm, "model")
+            and getattr(cfg, "final_logit_softcapping", None) is None and getattr(cfg, "logit_scale", None) is None)
+
+
+def make_trainer_class() -> type:
+    from transformers import Trainer
+
+    class QoloraTrainer(Trainer):
+        """Trainer whose loss is chunked cross-entropy and whose saved activations can live on the CPU."""
+
+        def __init__(self, *args: Any, ce_chunk: int | None = None, offload_activations: bool = False,
+                     **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.ce_chunk, self.offload = ce_chunk, offload_activations
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+            import contextlib
+
+            lm = causal_lm(model)
+            offload = (torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+                       if self.offload and model.training else contextlib.nullcontext())
+            if not self.ce_chunk or not supports_chunked_ce(lm):
+                with offload:
+                    return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            with offload:
+                hidden = lm.model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).last_hidden_state
+                labels = inputs["labels"][:, 1:]
+                total = chunked_ce_sum(hidden[:, :-1].reshape(-1, hidden.shape[-1]), lm.lm_head.weight,
+                                       labels.reshape(-1), self.ce_chunk)
+            if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+                n = num_items_in_batch  # token count over the accumulated batches, as transformers does
+            else:
+                n = (labels != IGNORE).sum()
+            loss = total / torch.as_tensor(n, device=total.device).clamp_min(1)
+            return (loss, {}) if return_outputs else loss
+
+    return QoloraTrainer
+
+
 def build_trainer(
     model: nn.Module,
     tokenizer: Any,
@@ -52,7 +102,7 @@ def build_trainer(
     eval_on_start: bool = True,
 ) -> Any:
     """A ``transformers.Trainer`` for a QOLoRA PeftModel; call ``.train()`` on it."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
     on_cuda = torch.cuda.is_available()
     t = cfg.train
@@ -88,10 +138,13 @@ def build_trainer(
         remove_unused_columns=False,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
+        prediction_loss_only=True,
         disable_tqdm=False,
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return Trainer(
+    return make_trainer_class()(
+        ce_chunk=t.ce_chunk if t.chunked_ce else None,
+        offload_activations=t.offload_activations,
         model=model,
         args=args,
         train_dataset=train_examples,

@@ -1,0 +1,182 @@
+"""Memory planner: will a QLoRA/OLoRA fine-tune fit on a GPU? Reads ``config.json`` only.
+
+Every line is an estimate in bytes for one GPU. Weights, adapters and optimizer states are
+counted exactly (checked against real and meta-device models in the tests); activations
+follow the saved-tensor count of a Llama-style decoder layer, checked on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+GiB = 1 << 30
+OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch")
+MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit states for tensors smaller than this
+
+
+def optimizer_state_bytes(numel: int, optimizer: str) -> int:
+    """Adam state bytes of one parameter tensor: two fp32 moments, or for 8-bit two uint8
+    moments plus one fp32 absmax per 256-element block each (bitsandbytes' blockwise 8-bit)."""
+    if optimizer == "paged_adamw_8bit" and numel >= MIN_8BIT_SIZE:
+        return 2 * numel + 2 * 4 * math.ceil(numel / 256)
+    return 8 * numel
+CUDA_OVERHEAD = int(0.75 * GiB)  # CUDA context, cuBLAS workspaces and allocator slack
+
+
+@dataclass
+class Shape:
+    """The parts of a decoder-only transformer config that memory depends on."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, c: dict[str, Any]) -> "Shape":
+        try:
+            h, heads = int(c["hidden_size"]), int(c["num_attention_heads"])
+            return cls(hidden=h, intermediate=int(c["intermediate_size"]), layers=int(c["num_hidden_layers"]),
+                       vocab=int(c["vocab_size"]), heads=heads, kv_heads=int(c.get("num_key_value_heads") or heads),
+                       head_dim=int(c.get("head_dim") or h // heads), tied=bool(c.get("tie_word_embeddings", False)))
+        except KeyError as e:
+            raise ValueError(f"config.json: missing field {e}; plan supports Llama-style decoder configs") from e
+
+    def linears(self) -> list[tuple[int, int]]:
+        """(out, in) of the linear layers of one decoder layer."""
+        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
+
+
+def nf4_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
+    """Bytes of one NF4 weight in bitsandbytes: packed data plus absmax statistics."""
+    blocks = math.ceil(numel / blocksize)
+    data = math.ceil(numel / 2)
+    if not double_quant:
+        return data + 4 * blocks
+    return data + blocks + 4 * math.ceil(blocks / 256) + 4  # uint8 absmax, fp32 absmax², fp32 offset
+
+
+@dataclass
+class Plan:
+    components: dict[str, int]
+    total_bytes: int
+    gpu_bytes: int
+    fits: bool
+    max_seq_len: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"components": self.components, "total_bytes": self.total_bytes, "fits": self.fits,
+                "max_seq_len": self.max_seq_len}
+
+    def __str__(self) -> str:
+        w = max(len(k) for k in self.components)
+        lines = [f"{k:<{w}}  {v / GiB:>8.3f} GiB" for k, v in self.components.items()]
+        lines += ["-" * (w + 14), f"{'total':<{w}}  {self.total_bytes / GiB:>8.3f} GiB of {self.gpu_bytes / GiB:.1f} GiB",
+                  f"{'fits' if self.fits else 'DOES NOT FIT'}; largest seq-len that fits: {self.max_seq_len}"]
+        return "\n".join(lines + self.notes)
+
+
+def components(s: Shape, seq_len: int, batch: int, rank: int, *, optimizer: str = "paged_adamw_8bit",
+               dtype_bytes: int = 2, gradient_checkpointing: bool = True, chunked_ce: bool = True,
+               ce_chunk: int = 1024, offload: bool = False, double_quant: bool = True) -> dict[str, int]:
+    """Bytes per component for one training step (all linear layers of every decoder layer targeted)."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {optimizer!r}")
+    lin = s.linears()
+    w4 = s.layers * sum(nf4_bytes(o * i, double_quant=double_quant) for o, i in lin)
+    embed = s.vocab * s.hidden * (1 if s.tied else 2)
+    norms = (2 * s.layers + 1) * s.hidden
+    adapter_params = s.layers * sum(rank * (o + i) for o, i in lin)
+    tokens = batch * seq_len
+    h, i, kv, q = s.hidden, s.intermediate, s.kv_heads * s.head_dim, s.heads * s.head_dim
+    # Bytes one decoder layer saves for backward per token, as measured on the saved-tensor
+    # hooks (tests/test_plan.py): q, k, v and gate, up, act(gate) in the compute dtype; the two
+    # RMSNorm inputs upcast to fp32; the attention log-sum-exp; and, per LoRA target, its input
+    # cast to the fp32 adapter dtype plus x·Aᵀ (r wide). The frozen 4-bit matmuls save no input.
+    lora_in = 5 * h + q + i  # in_features of q, k, v, gate, up (h), o (q) and down (i)
+    per_token = dtype_bytes * (q + 2 * kv + 3 * i) + 4 * 2 * h + 4 * s.heads + 4 * (lora_in + 8 * rank)
+    layer_saved = tokens * per_token
+    if gradient_checkpointing:
+        saved = s.layers * tokens * h * dtype_bytes  # only each layer's input is kept...
+        acts = (0 if offload else saved) + layer_saved  # ...plus one layer recomputed in backward
+    else:
+        acts = s.layers * layer_saved
+    rows = ce_chunk if chunked_ce else tokens
+    logits = rows * s.vocab * (4 + 4 + (0 if chunked_ce else dtype_bytes))  # fp32 logits + their grad (+ bf16)
+    return {
+        "4-bit weights (incl. double-quant stats)": w4,
+        "unquantized params (embeddings, norms, lm_head)": (embed + norms) * dtype_bytes,
+        "adapters (fp32)": adapter_params * 4,
+        "adapter gradients (fp32)": adapter_params * 4,
+        f"optimizer states ({optimizer})": s.layers * sum(
+            optimizer_state_bytes(rank * i, optimizer) + optimizer_state_bytes(o * rank, optimizer) for o, i in lin),
+        "activations" + (" (checkpointed" + (", offloaded)" if offload else ")") if gradient_checkpointing else ""): acts,
+        "logits and loss" + (f" (chunked CE, {ce_chunk} rows)" if chunked_ce else ""): logits,
+        "CUDA context and allocator overhead": CUDA_OVERHEAD,
+    }
+
+
+def read_config(model: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(model)
+    cfg = p / "config.json" if p.is_dir() else p
+    if not cfg.is_file():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            cfg = Path(hf_hub_download(str(model), "config.json", local_files_only=True))
+        except Exception as e:
+            raise FileNotFoundError(f"{model}: no config.json (a local folder, a config.json or a cached hub id)") from e
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg}: not valid JSON ({e})") from e
+
+
+def plan(model: str | os.PathLike[str], seq_len: int, batch: int, rank: int, gpu_memory: str | int = "24GiB",
+         **kw: Any) -> Plan:
+    """The memory plan for training ``model`` at (seq_len, batch, rank) on one GPU."""
+    for name, v in (("seq-len", seq_len), ("batch-size", batch), ("rank", rank)):
+        if v < 1:
+            raise ValueError(f"{name}: must be >= 1, got {v}")
+    s = Shape.from_config(read_config(model))
+    gpu = parse_bytes(gpu_memory)
+    comp = components(s, seq_len, batch, rank, **kw)
+    total = sum(comp.values())
+
+    def fits(t: int) -> bool:
+        return sum(components(s, t, batch, rank, **kw).values()) <= gpu
+
+    lo, hi = 0, 1
+    while fits(hi) and hi < (1 << 24):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return Plan(comp, total, gpu, total <= gpu, lo)
+
+
+def parse_bytes(text: str | int) -> int:
+    if isinstance(text, int):
+        return text
+    t = text.strip().lower().replace(" ", "")
+    for suffix, mult in (("gib", GiB), ("gb", 10**9), ("mib", 1 << 20), ("mb", 10**6), ("g", GiB), ("m", 1 << 20)):
+        if t.endswith(suffix):
+            try:
+                return int(float(t[: -len(suffix)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(t)
+    except ValueError:
+        raise ValueError(f"--gpu-memory: cannot read {text!r}; use e.g. 24GiB") from None

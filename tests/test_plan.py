@@ -1,0 +1,158 @@
+"""qolora plan: exact weight/adapter/optimizer lines, activation estimate, fit search, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qolora import quant
+from qolora.plan import Shape, components, nf4_bytes, optimizer_state_bytes, parse_bytes, plan, read_config
+
+
+def _unique_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def _quant_tensors(layer):
+    qs = layer.weight.quant_state
+    out = [layer.weight.data, qs.absmax, qs.offset]
+    if qs.state2 is not None:
+        out.append(qs.state2.absmax)
+    return out
+
+
+def test_weight_line_is_exact_on_a_real_4bit_model(llama_dir) -> None:
+    model = quant.load_quantized(llama_dir)
+    layers = [m for m in model.modules() if quant.is_4bit(m)]
+    real = _unique_bytes(t for m in layers for t in _quant_tensors(m))
+    s = Shape.from_config(read_config(llama_dir))
+    comp = components(s, 16, 1, 4)
+    assert comp["4-bit weights (incl. double-quant stats)"] == real
+    unq = sum(p.numel() * 2 for n, p in model.named_parameters() if not quant.is_4bit(model.get_submodule(n.rsplit(".", 1)[0])))
+    assert comp["unquantized params (embeddings, norms, lm_head)"] == unq  # counted at 2 bytes (bf16)
+
+
+def test_adapter_and_optimizer_lines_are_exact(llama_dir) -> None:
+    import bitsandbytes as bnb
+    from peft import LoraConfig
+
+    import qolora
+
+    model = qolora.get_qolora_model(quant.load_quantized(llama_dir), LoraConfig(
+        r=4, lora_alpha=4, target_modules="all-linear", init_lora_weights="olora"), progress=False)
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    s = Shape.from_config(read_config(llama_dir))
+    for opt_name, opt_cls in (("adamw_torch", torch.optim.AdamW), ("paged_adamw_8bit", bnb.optim.AdamW8bit)):
+        comp = components(s, 16, 1, 4, optimizer=opt_name)
+        assert comp["adapters (fp32)"] == sum(p.numel() * p.element_size() for p in params)
+        opt = opt_cls(params, lr=1e-3)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        state = [v for st in opt.state.values() for k, v in st.items() if torch.is_tensor(v) and v.ndim > 0
+                 and not k.startswith("qmap")]
+        assert comp[f"optimizer states ({opt_name})"] == sum(t.numel() * t.element_size() for t in state)
+
+
+def test_8bit_state_formula_for_large_tensors() -> None:
+    import bitsandbytes as bnb
+
+    p = torch.nn.Parameter(torch.zeros(16, 4096))
+    opt = bnb.optim.AdamW8bit([p], lr=1e-3)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    st = opt.state[p]
+    real = sum(st[k].numel() * st[k].element_size() for k in ("state1", "state2", "absmax1", "absmax2"))
+    assert optimizer_state_bytes(p.numel(), "paged_adamw_8bit") == real
+
+
+def test_shapes_match_meta_device_7b_and_8b() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    for cfg in (LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                            vocab_size=32000),
+                LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                            num_key_value_heads=8, vocab_size=128256)):
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg)
+        s = Shape.from_config(cfg.to_dict())
+        linear = sum(m.weight.numel() for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+        assert linear == s.layers * sum(o * i for o, i in s.linears())
+        comp = components(s, 2048, 1, 16)
+        assert comp["unquantized params (embeddings, norms, lm_head)"] == 2 * (
+            sum(p.numel() for p in model.parameters()) - linear)
+        lora = s.layers * sum(16 * (o + i) for o, i in s.linears())
+        assert comp["adapters (fp32)"] == 4 * lora
+    assert nf4_bytes(4096 * 4096) == 4096 * 4096 // 2 + 4096 * 4096 // 64 + 4 * 1024 + 4
+
+
+def test_activation_estimate_matches_saved_tensors_on_cpu(llama_dir) -> None:
+    """Measured: bytes autograd saves for backward, at two lengths (the difference drops the
+    weight-sized tensors that bitsandbytes' CPU path saves), without and with checkpointing."""
+    from peft import LoraConfig
+
+    import qolora
+
+    model = qolora.get_qolora_model(quant.load_quantized(llama_dir, compute_dtype="bfloat16"), LoraConfig(
+        r=8, lora_alpha=8, target_modules="all-linear", init_lora_weights="olora"), progress=False)
+    model.train()
+
+    def saved_bytes(T: int) -> int:
+        saved = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.base_model.model.model(input_ids=torch.randint(0, 128, (2, T)))
+        return _unique_bytes(t for t in saved if t.is_floating_point())
+
+    measured = saved_bytes(64) - saved_bytes(32)
+    s = Shape.from_config(read_config(llama_dir))
+
+    def est(T: int) -> int:
+        return components(s, T, 2, 8, gradient_checkpointing=False)["activations"]
+
+    assert 0.85 * measured <= est(64) - est(32) <= 1.15 * measured, (est(64) - est(32), measured)
+
+
+def test_plan_fit_search_and_json(llama_dir, capsys) -> None:
+    p = plan(llama_dir, seq_len=64, batch=1, rank=4, gpu_memory="2GiB")
+    assert p.fits and p.max_seq_len >= 64 and p.total_bytes == sum(p.components.values())
+    tight = plan(llama_dir, seq_len=64, batch=1, rank=4, gpu_memory=p.total_bytes)
+    assert tight.fits and tight.max_seq_len == 64 or tight.max_seq_len >= 64
+    assert not plan(llama_dir, seq_len=p.max_seq_len + 1, batch=1, rank=4, gpu_memory="2GiB").fits
+    from qolora.cli import main
+
+    assert main(["plan", str(llama_dir), "--seq-len", "64", "--batch-size", "1", "--rank", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"components", "total_bytes", "fits", "max_seq_len"}
+
+
+def test_chunked_ce_and_offload_are_accounted() -> None:
+    s = Shape(4096, 14336, 32, 128256, 32, 8, 128, False)
+    full = components(s, 8192, 1, 16, chunked_ce=False)
+    chunked = components(s, 8192, 1, 16, chunked_ce=True)
+    assert sum(chunked.values()) < sum(full.values()) - 8 * 2**30  # 8k x 128k fp32 logits avoided
+    off = components(s, 8192, 1, 16, offload=True)
+    assert sum(off.values()) < sum(chunked.values())
+
+
+@pytest.mark.parametrize("bad", ["lots", "-"])
+def test_bad_inputs(tmp_path, bad) -> None:
+    with pytest.raises(ValueError, match="gpu-memory"):
+        parse_bytes(bad)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        plan(tmp_path / "none", 16, 1, 4)
+    with pytest.raises(ValueError, match="seq-len"):
+        plan(tmp_path, 0, 1, 4)
