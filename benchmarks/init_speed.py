@@ -12,7 +12,6 @@ reads the original weights back from a safetensors file (its checkpoint source).
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import sys
 import tempfile

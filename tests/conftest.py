@@ -144,3 +144,22 @@ def tiny_train_config(model_dir, tmp_path, **train_kw):
     })
 
 
+
+
+def perturb_lora_(model: torch.nn.Module, scale: float = 0.01) -> torch.nn.Module:
+    """Move every LoRA weight away from its init, as training would."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(scale * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture
+def base_copy(llama_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of ``llama_dir`` that a test may modify."""
+    import shutil
+
+    d = tmp_path / "base"
+    shutil.copytree(llama_dir, d)
+    return d

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,25 +19,15 @@ from qolora import quant
 from qolora.export import export_lora, export_merged
 from qolora.export.merged import ShardWriter
 
-from .conftest import logits
+from .conftest import logits, perturb_lora_
 
 
 def _trained_adapter(base_dir, out, source="auto", targets="all-linear", **kw):
     cfg = LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights="olora", **kw)
-    model = qolora.get_qolora_model(quant.load_quantized(base_dir), cfg, init_source=source, progress=False)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.add_(0.05 * torch.randn_like(p))
+    model = perturb_lora_(qolora.get_qolora_model(quant.load_quantized(base_dir), cfg, init_source=source,
+                                                  progress=False), 0.05)
     qolora.save_adapter(model, out)
     return model
-
-
-@pytest.fixture
-def base_copy(llama_dir, tmp_path):
-    d = tmp_path / "base"
-    shutil.copytree(llama_dir, d)
-    return d
 
 
 FRESH = textwrap.dedent("""

@@ -13,32 +13,16 @@ from transformers import AutoModelForCausalLM
 import qolora
 from qolora import quant
 
-from .conftest import logits
+from .conftest import logits, perturb_lora_
 
 
 def _cfg(init: object = "olora") -> LoraConfig:
     return LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=init)
 
 
-def _trained(model: torch.nn.Module) -> torch.nn.Module:
-    """Move the adapter away from its init, as training would."""
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.add_(0.01 * torch.randn_like(p))
-    return model
-
-
-@pytest.fixture
-def base_copy(llama_dir, tmp_path):
-    d = tmp_path / "base"
-    shutil.copytree(llama_dir, d)
-    return d
-
-
 @pytest.mark.parametrize("source", ["checkpoint", "dequantized"])
 def test_reload_is_bit_identical_and_runs_no_qr(base_copy, tmp_path, tokens, source, monkeypatch) -> None:
-    model = _trained(qolora.get_qolora_model(quant.load_quantized(base_copy), _cfg(), init_source=source,
+    model = perturb_lora_(qolora.get_qolora_model(quant.load_quantized(base_copy), _cfg(), init_source=source,
                                              progress=False))
     want = logits(model, tokens)
     out = qolora.save_adapter(model, tmp_path / "adapter")
@@ -59,7 +43,7 @@ def test_reload_is_bit_identical_and_runs_no_qr(base_copy, tmp_path, tokens, sou
 
 
 def test_reload_unquantized_and_resave(llama_dir, tmp_path, tokens) -> None:
-    model = _trained(qolora.get_qolora_model(AutoModelForCausalLM.from_pretrained(llama_dir), _cfg(),
+    model = perturb_lora_(qolora.get_qolora_model(AutoModelForCausalLM.from_pretrained(llama_dir), _cfg(),
                                              progress=False))
     want = logits(model, tokens)
     qolora.save_adapter(model, tmp_path / "a")
@@ -70,7 +54,7 @@ def test_reload_unquantized_and_resave(llama_dir, tmp_path, tokens) -> None:
 
 
 def test_reload_with_given_base_and_trainable(llama_dir, tmp_path, tokens) -> None:
-    model = _trained(qolora.get_qolora_model(quant.load_quantized(llama_dir), _cfg(), progress=False))
+    model = perturb_lora_(qolora.get_qolora_model(quant.load_quantized(llama_dir), _cfg(), progress=False))
     want = logits(model, tokens)
     qolora.save_adapter(model, tmp_path / "a")
     reloaded = qolora.load_adapter(tmp_path / "a", quant.load_quantized(llama_dir), is_trainable=True,
@@ -80,7 +64,7 @@ def test_reload_with_given_base_and_trainable(llama_dir, tmp_path, tokens) -> No
 
 
 def test_plain_lora_round_trip(llama_dir, tmp_path, tokens) -> None:
-    model = _trained(qolora.get_qolora_model(quant.load_quantized(llama_dir), _cfg(init=True), progress=False))
+    model = perturb_lora_(qolora.get_qolora_model(quant.load_quantized(llama_dir), _cfg(init=True), progress=False))
     want = logits(model, tokens)
     qolora.save_adapter(model, tmp_path / "a")
     assert not (tmp_path / "a" / "initial_factors.safetensors").exists()

@@ -14,7 +14,7 @@ import torch
 import qolora
 from qolora.training import DataError, train
 
-from .conftest import logits, tiny_data as _data, tiny_train_config as _cfg
+from .conftest import logits, tiny_train_config as _cfg
 
 
 def test_train_writes_outputs_and_learns(chat_model_dir, tmp_path) -> None:

@@ -54,6 +54,13 @@ def plot_loss(metrics: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    save_figure_atomic(fig, path)
+
+
+def save_figure_atomic(fig: Any, path: Path) -> None:
+    """Save and close a matplotlib figure; the PNG appears only once complete."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=100)

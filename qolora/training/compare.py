@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, dump_config
-from .callbacks import write_json_atomic
+from .callbacks import save_figure_atomic, write_json_atomic
 from .run import FINAL_ADAPTER, latest_checkpoint, train
 
 logger = logging.getLogger(__name__)
@@ -72,11 +72,7 @@ def plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path)
 
 
 def compare(cfg: Config, inits: list[str], ranks: list[int] | None = None, out_dir: str | os.PathLike[str] = "runs/compare",
