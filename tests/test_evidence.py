@@ -60,3 +60,24 @@ def test_summarize_steps_to_target() -> None:
     s = summarize(runs, target_loss=2.7)  # EMA: fast reaches it at step 1, slow at step 3
     assert (s["runs"]["fast"]["steps_to_target"], s["runs"]["slow"]["steps_to_target"]) == (1, 3)
     assert s["runs"]["slow"]["loss_at_step"]["4"] == 3.0 - 0.8
+
+
+def test_completion_loss_is_token_weighted_transformers_loss(chat_model_dir, tmp_path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qolora.training.data import load_rows
+    from qolora.training.run import load_tokenizer
+    from qolora.training.tokenize import Collator, Encoder
+    from qolora.training.evaluate import completion_loss
+
+    cfg = tiny_train_config(chat_model_dir, tmp_path)
+    tok = load_tokenizer(str(chat_model_dir))
+    ex = Encoder(tok, 32).encode_rows(load_rows(cfg.data.train))[:6]
+    model = AutoModelForCausalLM.from_pretrained(chat_model_dir, dtype=torch.float32)
+    batch = Collator(tok.pad_token_id)(ex)
+    with torch.no_grad():
+        want = model(**batch).loss.item()  # one batch: transformers' mean over target tokens
+    got = completion_loss(model, ex, tok.pad_token_id, batch_size=len(ex))
+    assert abs(got.loss - want) < 1e-5
+    assert abs(completion_loss(model, ex, tok.pad_token_id, batch_size=4).loss - want) < 1e-5  # batching-invariant
