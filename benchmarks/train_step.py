@@ -27,6 +27,7 @@ WORKER = r'''
 import json, statistics, sys, time, torch
 from transformers import Trainer, TrainingArguments, TrainerCallback
 kind, model_dir, steps, batch, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+chunked = sys.argv[6] == "1"
 from qolora.config import config_from_dict
 from qolora.training.run import load_tokenizer, prepare_data, load_base, lora_config
 from qolora.training.tokenize import Collator
@@ -35,7 +36,7 @@ cfg = config_from_dict({"model": model_dir, "quant": {"compute_dtype": dtype},
                         "data": {"train": "demo/data/train.jsonl", "eval": "demo/data/eval.jsonl", "max_length": 128,
                                  "max_train_rows": steps * batch, "max_eval_rows": 1},
                         "train": {"output_dir": "/tmp/qolora-train-step-" + kind, "max_steps": steps, "batch_size": batch,
-                                  "optimizer": "adamw_torch", "save_steps": 10**6, "eval_steps": 10**6, "logging_steps": 10**6}})
+                                  "optimizer": "adamw_torch", "chunked_ce": chunked, "save_steps": 10**6, "eval_steps": 10**6, "logging_steps": 10**6}})
 tok = load_tokenizer(model_dir)
 train_ex, _, _ = prepare_data(cfg, tok)
 times = []
@@ -69,8 +70,8 @@ print(json.dumps({"median_step_s": statistics.median(times[1:]), "steps": len(ti
 '''
 
 
-def run(kind: str, model: str, steps: int, batch: int, dtype: str) -> float:
-    out = subprocess.run([sys.executable, "-c", WORKER, kind, model, str(steps), str(batch), dtype],
+def run(kind: str, model: str, steps: int, batch: int, dtype: str, chunked: bool = True) -> float:
+    out = subprocess.run([sys.executable, "-c", WORKER, kind, model, str(steps), str(batch), dtype, str(int(chunked))],
                          capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(out.stderr[-3000:])
@@ -84,16 +85,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--bf16", action="store_true", help="baseline with bf16 compute and model dtype")
+    ap.add_argument("--no-chunked-ce", action="store_true", help="QOLoRA with the plain full-logits loss")
     args = ap.parse_args()
     base_dtype = "bfloat16" if args.bf16 else "float32"
     ours, base = [], []
     for rep in range(args.repeats):
-        ours.append(run("qolora", args.model, args.steps, args.batch, "auto"))
+        ours.append(run("qolora", args.model, args.steps, args.batch, "auto", not args.no_chunked_ce))
         base.append(run("peft", args.model, args.steps, args.batch, base_dtype))
         print(f"run {rep + 1}: qolora {ours[-1]:.2f} s/step, PEFT+Trainer ({base_dtype}) {base[-1]:.2f} s/step", flush=True)
     o, b = _common.median(ours), _common.median(base)
     what = ("QOLoRA defaults (auto = fp32 on CPU) vs PEFT+Trainer QLoRA with bf16 compute" if args.bf16
             else "QOLoRA vs PEFT+Trainer QLoRA, same settings (fp32 compute)")
+    if args.no_chunked_ce:
+        what += ", QOLoRA without chunked CE"
     print(_common.row(f"{what}; SmolLM2-135M 4-bit, r=16 all-linear, batch {args.batch}, max_len 128, grad ckpt",
                       f"QOLoRA {o:.2f} s/step", f"baseline {b:.2f} s/step", f"**{b / o:.2f}x**",
                       f"median step of {args.steps - 1} after warm-up, median of {args.repeats} runs, A B A B",
