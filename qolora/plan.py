@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,6 @@ class Plan:
     gpu_bytes: int
     fits: bool
     max_seq_len: int
-    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"components": self.components, "total_bytes": self.total_bytes, "fits": self.fits,
@@ -84,7 +83,7 @@ class Plan:
         lines = [f"{k:<{w}}  {v / GiB:>8.3f} GiB" for k, v in self.components.items()]
         lines += ["-" * (w + 14), f"{'total':<{w}}  {self.total_bytes / GiB:>8.3f} GiB of {self.gpu_bytes / GiB:.1f} GiB",
                   f"{'fits' if self.fits else 'DOES NOT FIT'}; largest seq-len that fits: {self.max_seq_len}"]
-        return "\n".join(lines + self.notes)
+        return "\n".join(lines)
 
 
 def components(s: Shape, seq_len: int, batch: int, rank: int, *, optimizer: str = "paged_adamw_8bit",
