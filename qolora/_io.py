@@ -34,3 +34,25 @@ def atomic_dir(out: str | os.PathLike[str], replace: bool = True) -> Iterator[Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> dict:
+    """All tensors of a safetensors file (no pickle); a missing, empty or truncated file is one
+    clear error naming it.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is empty or not a complete safetensors file.
+    """
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found")
+    if p.stat().st_size == 0:
+        raise ValueError(f"{p} is empty: the save was interrupted; save again or restore the file")
+    try:
+        return load_file(str(p))
+    except Exception as e:  # safetensors raises its own SafetensorError (not an OSError) on a bad file
+        raise ValueError(f"{p} is not a complete safetensors file ({str(e).splitlines()[0]}): the save was "
+                         "interrupted or the file is corrupt; save again or restore the file") from e

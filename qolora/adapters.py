@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from . import quant
-from ._io import atomic_dir
+from ._io import atomic_dir, read_safetensors
 from .initialize import INIT_SOURCES, init_olora_, iter_targets, restore_olora_
 from .metadata import FACTORS_FILE, AdapterMeta
 from .precision import dtype_name
@@ -51,11 +51,12 @@ def _check_config(lora_config: Any) -> None:
 
 
 def _base_meta(model: nn.Module, init: str, init_source: str, checkpoint: Path | None) -> AdapterMeta:
-    """Record the base: its path, fingerprint, 4-bit settings and dtype."""
-    name = getattr(model, "name_or_path", None) or None
-    folder = checkpoint or quant.find_checkpoint(name)
+    """Record the base: its path, fingerprint, 4-bit settings, unquantized layers and dtype."""
+    base_name = getattr(model, "name_or_path", None) or None
+    folder = checkpoint or quant.find_checkpoint(base_name)
     settings = None
-    quantized = []
+    quantized, float_linears = [], []
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, m in model.named_modules():
         if quant.is_4bit(m):
             quantized.append(name.removesuffix(".base_layer"))
@@ -63,17 +64,66 @@ def _base_meta(model: nn.Module, init: str, init_source: str, checkpoint: Path |
                 settings = quant.quant_settings(m).to_dict()
                 settings["compute_dtype"] = dtype_name(m.compute_dtype or torch.float32)
                 settings["device"] = m.weight.device.type  # NF4 kernels may round differently per device
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        elif isinstance(m, nn.Linear) and m is not head and ".lora_" not in name:
+            float_linears.append(name.removesuffix(".base_layer"))
+    if settings is not None:
+        settings["skip_modules"] = float_linears  # reload keeps exactly these unquantized
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    dtype = emb.weight.dtype if emb is not None else next(
+        (p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     return AdapterMeta(
         init=init,
         init_source=init_source,
-        base_model=str(name) if name else None,
+        base_model=str(base_name) if base_name else None,
         checkpoint=str(Path(folder).resolve()) if folder else None,
         fingerprint=quant.fingerprint(folder) if folder else None,
         quant=settings,
         dtype=dtype_name(dtype),
         quantized_modules=quantized,
     )
+
+
+def _layer_shape(m: nn.Module) -> tuple[int, int] | None:
+    """(out, in) of a linear, 4-bit linear or Conv1D layer; None for anything else."""
+    if isinstance(m, nn.Linear):
+        return int(m.out_features), int(m.in_features)
+    w = getattr(m, "weight", None)
+    if type(m).__name__ == "Conv1D" and w is not None and w.ndim == 2:
+        return int(w.shape[1]), int(w.shape[0])
+    return None
+
+
+def check_ranks(model: nn.Module, lora_config: Any) -> None:
+    """Check r against every layer ``lora_config`` targets, before PEFT allocates any factor.
+
+    Raises:
+        ValueError: naming the first layer whose min(out, in) is below r.
+    """
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+
+    cfg = _maybe_include_all_linear_layers(copy.deepcopy(lora_config), model)
+    ranks = [lora_config.r, *getattr(lora_config, "rank_pattern", {}).values()]
+    r = max(ranks)
+    for name, m in model.named_modules():
+        shape = _layer_shape(m)
+        if shape and r > min(shape) and check_target_module_exists(cfg, name):
+            raise ValueError(f"adapter.r: rank {r} exceeds min(out, in) = {min(shape)} of {name} "
+                             f"({shape[0]}x{shape[1]}); choose r <= {min(shape)}")
+
+
+def _check_base(model: nn.Module) -> None:
+    """Refuse bases QOLoRA would corrupt, and keep bitsandbytes' standard 4-bit layout."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(model, PeftModel) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        raise ValueError(
+            "model already has PEFT adapter layers: get_qolora_model needs the plain base model; to train a second "
+            "adapter, start again from qolora.load_quantized (one QOLoRA model per OLoRA adapter)"
+        )
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    quant.check_supported(model, device)
+    quant.keep_standard_layout_(model)
 
 
 def get_qolora_model(
@@ -109,6 +159,8 @@ def get_qolora_model(
     _check_config(lora_config)
     if init_source not in INIT_SOURCES:
         raise ValueError(f"init_source: expected one of {INIT_SOURCES}, got {init_source!r}")
+    _check_base(model)
+    check_ranks(model, lora_config)
     cfg = copy.deepcopy(lora_config)
     cfg.init_lora_weights = False if kind == "olora" else True
     peft_model = get_peft_model(model, cfg, adapter_name=adapter_name)
@@ -123,7 +175,38 @@ def get_qolora_model(
         state = QoloraState(_base_meta(model, kind, init_source, None))
     state.meta.adapter_name = adapter_name
     peft_model.qolora_states = {adapter_name: state}
+    _guard_add_adapter(peft_model)
     return peft_model
+
+
+def _guard_add_adapter(peft_model: Any) -> None:
+    """Make ``peft_model.add_adapter`` refuse what would silently break the QOLoRA base.
+
+    PEFT's own ``olora`` init rewrites the shared 4-bit base (and re-quantizes it a second
+    time), and any second adapter on an OLoRA base sits on the first adapter's residual, which
+    ``save_adapter`` cannot record. Plain LoRA adapters on a plain-LoRA QOLoRA model are fine.
+    """
+    original = peft_model.add_adapter
+
+    def add_adapter(adapter_name: str, peft_config: Any, *args: Any, **kwargs: Any) -> Any:
+        init = getattr(peft_config, "init_lora_weights", True)
+        if isinstance(init, str) and init.lower() not in ("lora", "gaussian"):
+            raise ValueError(
+                f"add_adapter({adapter_name!r}): init_lora_weights={init!r} would let PEFT rewrite the 4-bit base that "
+                "QOLoRA initialized; make a separate model with qolora.get_qolora_model for each OLoRA adapter"
+            )
+        if any(s.meta.init == "olora" for s in peft_model.qolora_states.values()):
+            raise ValueError(
+                f"add_adapter({adapter_name!r}): the base holds the OLoRA residual of another adapter, which a second "
+                "adapter could not be saved or reloaded against; make a separate model with qolora.get_qolora_model"
+            )
+        result = original(adapter_name, peft_config, *args, **kwargs)
+        meta = copy.deepcopy(next(iter(peft_model.qolora_states.values())).meta)
+        meta.adapter_name = adapter_name
+        peft_model.qolora_states[adapter_name] = QoloraState(meta)
+        return result
+
+    peft_model.add_adapter = add_adapter
 
 
 def _state(model: nn.Module, adapter_name: str) -> QoloraState:
@@ -163,7 +246,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike[str], adapter_name
 def _read_factors(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the OLoRA initial factors are needed to rebuild the base")
-    flat = load_file(str(path))
+    flat = read_safetensors(path)
     names = {k.rsplit(".", 1)[0] for k in flat}
     try:
         return {n: (flat[f"{n}.B0"], flat[f"{n}.A0"]) for n in names}
@@ -186,9 +269,11 @@ def load_recorded_base(meta: AdapterMeta, meta_path: Path, device_map: Any = Non
     return quant.load_quantized(
         ref,
         compute_dtype=meta.quant.get("compute_dtype", "auto"),
+        dtype=meta.dtype,  # the load dtype, which may differ from the compute dtype
         quant_type=q.quant_type,
         double_quant=q.double_quant,
         device_map=device_map,
+        skip_modules=meta.quant.get("skip_modules"),
     )
 
 
@@ -241,6 +326,7 @@ def load_adapter(
     _verify_base(meta, meta_path, folder)
     if base_model is None:
         base_model = load_recorded_base(meta, meta_path, device_map)
+    _check_base(base_model)
     is_4bit = any(quant.is_4bit(m) for m in base_model.modules())
     if is_4bit != (meta.quant is not None):
         raise ValueError(f"{meta_path}: adapter was made on a {'4-bit' if meta.quant else 'unquantized'} base")
@@ -253,7 +339,14 @@ def load_adapter(
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if meta.init == "olora":
         factors = _read_factors(adir / FACTORS_FILE)
-        restore_olora_(peft_model, name, factors, meta.layer_sources, folder, progress)
+        lost = sorted({t.name for t in iter_targets(peft_model, name)} - set(factors))
+        if lost:
+            raise ValueError(f"{adir / FACTORS_FILE}: no initial factors for {len(lost)} adapter layers "
+                             f"(first: {lost[0]}); the file is incomplete: restore it from the run folder")
+        try:
+            restore_olora_(peft_model, name, factors, meta.layer_sources, folder, progress)
+        except KeyError as e:
+            raise ValueError(f"{meta_path}: no recorded init source for layer {e}") from e
     _load_weights(peft_model, adir, name, set_peft_model_state_dict)
     peft_model.peft_config[name].init_lora_weights = recorded_init
     if not is_trainable:
@@ -261,11 +354,12 @@ def load_adapter(
             p.requires_grad_(False)
         peft_model.eval()
     peft_model.qolora_states = {name: QoloraState(meta, factors)}
+    _guard_add_adapter(peft_model)
     return peft_model
 
 
 def _load_weights(peft_model: nn.Module, adir: Path, name: str, set_state: Any) -> None:
-    weights = load_file(str(adir / "adapter_model.safetensors"))
+    weights = read_safetensors(adir / "adapter_model.safetensors")
     result = set_state(peft_model, weights, adapter_name=name)
     if result.unexpected_keys:
         raise ValueError(f"{adir / 'adapter_model.safetensors'}: unexpected tensors {result.unexpected_keys[:3]}")

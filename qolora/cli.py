@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # On AVX512-BF16 CPUs bitsandbytes warns at import that the kernel of its packed CPU eval
+    # path is missing; QOLoRA switches that path off (qolora/quant/layout.py), so it is noise.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return int(args.func(args))
     except (ValueError, OSError) as e:  # FileNotFoundError and FileExistsError are OSErrors

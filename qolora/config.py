@@ -94,6 +94,7 @@ class TrainConfig:
     save_total_limit: int = 2
     eval_steps: int = 100
     logging_steps: int = 10
+    kernel_check: bool = True  # compare a 4-bit layer with its fp32 twin on this device before step 1
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "save_steps", "eval_steps", "logging_steps", "save_total_limit",
@@ -225,6 +226,23 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
         if value and not Path(value).is_absolute() and (base / value).exists() and not Path(value).exists():
             setattr(obj, name, str(base / value))
     return cfg
+
+
+# Sections that fix the model a run trains: a --resume must not change them.
+FROZEN_ON_RESUME = ("model", "quant", "adapter")
+
+
+def changed_on_resume(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """Dotted keys of the model, quant and adapter sections that differ from a run's saved config."""
+    now = to_dict(cfg)
+    changed = []
+    for section in FROZEN_ON_RESUME:
+        old, new = saved.get(section), now[section]
+        if isinstance(new, dict) and isinstance(old, dict):
+            changed += [f"{section}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        elif old != new:
+            changed.append(section)
+    return changed
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -277,7 +277,8 @@ def restore_olora_(
     names = {t.name for t in targets}
     if names != set(factors):
         missing, extra = sorted(set(factors) - names), sorted(names - set(factors))
-        raise ValueError(f"adapter layers do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise ValueError(f"initial factors do not match the model's LoRA layers: no factors for {extra[:3]}, "
+                         f"factors for unknown layers {missing[:3]}")
     for t in tqdm(targets, desc="OLoRA restore", unit="layer", disable=not progress):
         B0, A0 = factors[t.name]
         W, _, _ = source.get(t, require=sources[t.name])

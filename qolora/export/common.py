@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from .. import quant
+from .._io import read_safetensors
 from ..metadata import FACTORS_FILE, META_FILE, AdapterMeta
 
 PEFT_PREFIX = "base_model.model."
@@ -71,7 +71,7 @@ def read_adapter(adapter_dir: str | os.PathLike[str], checkpoint: str | os.PathL
         if why:
             raise ValueError(f"base checkpoint does not match {adir / META_FILE}: {why}")
     parts = AdapterParts(adir, meta, config, folder)
-    flat = load_file(str(adir / "adapter_model.safetensors"))
+    flat = read_safetensors(adir / "adapter_model.safetensors")
     for key in flat:
         if key.endswith(".lora_A.weight"):
             mod = key[: -len(".lora_A.weight")]
@@ -80,7 +80,7 @@ def read_adapter(adapter_dir: str | os.PathLike[str], checkpoint: str | os.PathL
     if meta.init == "olora":
         if not (adir / FACTORS_FILE).is_file():
             raise FileNotFoundError(f"{adir / FACTORS_FILE} not found: OLoRA exports need the initial factors")
-        f0 = load_file(str(adir / FACTORS_FILE))
+        f0 = read_safetensors(adir / FACTORS_FILE)
         try:
             parts.initial = {n: (f0[f"{n}.B0"], f0[f"{n}.A0"]) for n in parts.weights}
         except KeyError as e:

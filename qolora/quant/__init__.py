@@ -1,6 +1,8 @@
 """Everything that touches bitsandbytes: NF4 (de/re)quantization, 4-bit loading, weight sources."""
 
-from .loading import bnb_config, load_quantized
+from .check import KernelCheck, KernelCheckError, check_kernel, check_layer
+from .layout import check_supported, cpu_packing_available, is_8bit, is_repacked, keep_standard_layout_
+from .loading import bnb_config, load_quantized, meta_model
 from .nf4 import (
     QuantSettings,
     dequantize,
@@ -12,10 +14,20 @@ from .nf4 import (
     requantize_,
     roundtrip,
 )
-from .source import CheckpointWeights, find_checkpoint, fingerprint, fingerprint_mismatch
+from .source import CheckpointWeights, find_checkpoint, fingerprint, fingerprint_mismatch, resolve_model
 
 __all__ = [
     "CheckpointWeights",
+    "KernelCheck",
+    "KernelCheckError",
+    "check_kernel",
+    "check_layer",
+    "check_supported",
+    "cpu_packing_available",
+    "is_8bit",
+    "is_repacked",
+    "keep_standard_layout_",
+    "resolve_model",
     "QuantSettings",
     "bnb_config",
     "dequantize",
@@ -25,6 +37,7 @@ __all__ = [
     "is_4bit",
     "linear4bit",
     "load_quantized",
+    "meta_model",
     "quant_settings",
     "quantize",
     "quantize_linear",

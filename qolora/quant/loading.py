@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..precision import resolve_compute_dtype
+from ..precision import parse_dtype, resolve_compute_dtype
+from .layout import keep_standard_layout_, skip_for_device
+from .source import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +38,43 @@ def bnb_config(
     )
 
 
+def _device_type(device_map: Any) -> str:
+    """Where a ``from_pretrained`` device_map puts the model: "cpu" or the accelerator's type."""
+    if isinstance(device_map, dict) and device_map:
+        places = {str(v) for v in device_map.values()}
+        return "cpu" if places <= {"cpu", "disk"} else "cuda"
+    if isinstance(device_map, (str, torch.device)) and str(device_map).startswith("cpu"):
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def meta_model(path: str, trust_remote_code: bool = False) -> nn.Module:
+    """The model of ``path``'s ``config.json`` on the meta device: shapes only, nothing allocated."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def unquantizable(path: str, device: str, trust_remote_code: bool = False) -> tuple[list[str], list[str]]:
+    """(layers bitsandbytes cannot run in 4-bit on ``device``, transformers' default skips)."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    meta = meta_model(path, trust_remote_code)
+    return skip_for_device(meta, device), get_keys_to_not_convert(meta)
+
+
 def load_quantized(
     path_or_id: str | os.PathLike[str],
     *,
     compute_dtype: str | torch.dtype = "auto",
+    dtype: str | torch.dtype | None = None,
     quant_type: str = "nf4",
     double_quant: bool = True,
     device_map: Any = None,
+    skip_modules: list[str] | None = None,
     trust_remote_code: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
@@ -51,30 +83,48 @@ def load_quantized(
     Args:
         path_or_id: a local model folder, or a hub id that is in the local cache.
         compute_dtype: "auto" (bf16 on CUDA with bf16, fp16 on older CUDA, fp32 on CPU) or a name.
+        dtype: dtype of the unquantized parameters (embeddings, norms); default: compute_dtype.
         quant_type: "nf4" (default) or "fp4".
         double_quant: quantize the absmax statistics too (QLoRA's double quantization).
         device_map: passed to ``from_pretrained``; default: the first CUDA device, else CPU.
+        skip_modules: linear layers to keep unquantized besides transformers' defaults (lm_head);
+            default: those bitsandbytes cannot run on the target device (on the CPU,
+            in_features % 64 or out_features % 32 not 0), logged with their memory cost.
         trust_remote_code: off unless you turn it on.
 
     Returns:
-        A ``PreTrainedModel`` whose linear layers (but lm_head) are ``bnb.nn.Linear4bit``;
-        embeddings and norms keep ``compute_dtype``.
+        A ``PreTrainedModel`` whose linear layers (but lm_head and the skipped ones) are
+        ``bnb.nn.Linear4bit`` in bitsandbytes' standard layout (its lossy CPU repacking is off);
+        embeddings and norms have ``dtype``.
     """
     from transformers import AutoModelForCausalLM
 
-    path = os.fspath(path_or_id)
-    if os.path.sep in path and not os.path.isdir(path):
-        raise FileNotFoundError(f"model folder {path} does not exist")
-    dtype = resolve_compute_dtype(compute_dtype).dtype
+    path = resolve_model(path_or_id)
+    cdtype = resolve_compute_dtype(compute_dtype).dtype
+    pdtype = parse_dtype(dtype, "dtype") if dtype is not None else cdtype
     if device_map is None:
         device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    device = _device_type(device_map)
+    odd, defaults = unquantizable(path, device, trust_remote_code)
+    if skip_modules is None:
+        skip_modules = odd
+        if odd:
+            logger.warning("keeping %d linear layers unquantized: bitsandbytes cannot run them in 4-bit on the %s "
+                           "(in_features %% 64 or out_features %% 32 not 0): %s", len(odd), device, ", ".join(odd[:6]))
     model = AutoModelForCausalLM.from_pretrained(
         path,
-        quantization_config=bnb_config(dtype, quant_type, double_quant),
-        dtype=dtype,
+        quantization_config=bnb_config(cdtype, quant_type, double_quant, skip_modules=sorted(set(defaults) | set(skip_modules))),
+        dtype=pdtype,
         device_map=device_map,
         trust_remote_code=trust_remote_code,
         **kwargs,
     )
-    logger.info("loaded %s in 4-bit %s (double quant %s, compute %s)", path, quant_type, double_quant, dtype)
+    keep_standard_layout_(model)
+    if skip_modules:
+        kept = set(skip_modules)
+        extra = sum(m.weight.numel() * (m.weight.element_size() - 0.5) for n, m in model.named_modules()
+                    if n in kept and hasattr(m, "weight"))
+        logger.info("the unquantized layers cost %.1f MiB more than 4-bit would", extra / 2**20)
+    logger.info("loaded %s in 4-bit %s (double quant %s, compute %s, dtype %s)", path, quant_type, double_quant,
+                cdtype, pdtype)
     return model

@@ -77,20 +77,19 @@ def _storage_dtype(name: str | torch.dtype) -> torch.dtype:
     return dt
 
 
-def _unpack_cpu_format_(layer: nn.Module) -> None:
-    """Undo bitsandbytes' CPU inference repacking (avx512-bf16 CPUs, eval mode) if it happened."""
-    weight = layer.weight
-    qs = weight.quant_state
+def _standard_layout(layer: nn.Module) -> None:
+    """Refuse a layer in bitsandbytes' packed CPU layout: its data and absmax mean something else."""
+    qs = getattr(layer.weight, "quant_state", None)
     if getattr(qs, "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, qs)
-        layer.quant_state = weight.quant_state
+        raise ValueError(
+            "a 4-bit layer was repacked by bitsandbytes' CPU eval path; call "
+            "qolora.quant.keep_standard_layout_(model) before running it (get_qolora_model does)"
+        )
 
 
 def quant_settings(layer: nn.Module) -> QuantSettings:
     """Read the quantization settings of a quantized ``Linear4bit`` layer."""
-    _unpack_cpu_format_(layer)
+    _standard_layout(layer)
     weight = layer.weight
     qs = weight.quant_state
     if qs is None:
@@ -110,7 +109,7 @@ def dequantize(layer: nn.Module) -> torch.Tensor:
     Returns:
         (out, in) float32 on the layer's device.
     """
-    _unpack_cpu_format_(layer)
+    _standard_layout(layer)
     weight = layer.weight
     bnb = _bnb()
     return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(torch.float32)
@@ -170,6 +169,7 @@ def requantize_(layer: nn.Module, W: torch.Tensor, settings: QuantSettings | Non
         bnb_quantized=True,
     )
     layer.quant_state = state
+    layer.support_avx512bf16_for_cpu = False  # bitsandbytes' packed CPU eval path: see layout.py
 
 
 def roundtrip(W: torch.Tensor, settings: QuantSettings) -> torch.Tensor:

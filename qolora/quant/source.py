@@ -157,3 +157,40 @@ def find_checkpoint(name_or_path: str | None) -> Path | None:
         return None
     local_path = Path(local)
     return local_path if safetensors_files(local_path) else None
+
+
+def resolve_model(path_or_id: str | os.PathLike[str]) -> str:
+    """Check that a model reference can be loaded offline, before anything is loaded.
+
+    A local folder must hold ``config.json``; anything else is taken as a hub id and must be
+    in the local Hugging Face cache (this project never reaches the hub at run time).
+
+    Returns:
+        The reference as a string.
+
+    Raises:
+        FileNotFoundError: naming the folder or the hub id and what is missing.
+    """
+    ref = os.fspath(path_or_id)
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {p} holds no config.json: it is not a Hugging Face model folder")
+        return ref
+    looks_like_path = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or os.path.sep == "\\" and "\\" in ref
+    if looks_like_path or p.exists():
+        raise FileNotFoundError(f"model folder {p} does not exist")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(ref, "config.json")
+    except Exception as e:  # a malformed id raises inside huggingface_hub
+        raise FileNotFoundError(f"model {ref!r} is neither a local folder nor a valid hub id ({e})") from e
+    if not isinstance(cached, str):
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        raise FileNotFoundError(
+            f"model {ref!r} is not a local folder and not in the local Hugging Face cache ({HF_HUB_CACHE}); "
+            "this machine is offline: copy the model folder here and pass its path"
+        )
+    return ref

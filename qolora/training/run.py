@@ -12,10 +12,10 @@ from typing import Any
 
 from torch import nn
 
-from ..adapters import get_qolora_model, load_adapter, save_adapter
-from ..config import Config, ConfigError, dump_config
+from ..adapters import check_ranks, get_qolora_model, load_adapter, save_adapter
+from ..config import Config, ConfigError, changed_on_resume, dump_config
 from ..precision import resolve_compute_dtype
-from ..quant import load_quantized
+from ..quant import check_kernel, load_quantized, meta_model, resolve_model
 from .data import load_rows
 from .tokenize import Encoder, pack, split_rows
 from .trainer import build_trainer, prepare_for_training_
@@ -83,12 +83,33 @@ def lora_config(cfg: Config) -> Any:
                       init_lora_weights="olora" if a.init == "olora" else True, task_type="CAUSAL_LM")
 
 
+def check_resume(cfg: Config, out: Path) -> None:
+    """Refuse a --resume whose model, quant or adapter settings differ from the run's own."""
+    import yaml
+
+    saved_path = out / "config.yaml"
+    if not saved_path.is_file():
+        return
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{saved_path}: not valid YAML ({e})") from e
+    changed = changed_on_resume(saved, cfg)
+    if changed:
+        raise ConfigError(f"--resume: {', '.join(changed)} changed since the run in {out} started; restore them, "
+                          "or start a new run in another train.output_dir")
+
+
 def train(cfg: Config, resume: bool = False) -> Path:
     """Fine-tune per ``cfg``; returns the final adapter dir. ``resume`` continues the latest checkpoint."""
     out = Path(cfg.train.output_dir)
     ckpt = latest_checkpoint(out) if out.exists() else None
     if ckpt is not None and not resume:
         raise ConfigError(f"train.output_dir: {out} already has {ckpt.name}; pass --resume, or choose another dir")
+    if resume:
+        check_resume(cfg, out)
+    resolve_model(cfg.model)
+    check_ranks(meta_model(cfg.model), lora_config(cfg))  # before any weight is loaded or factor allocated
     tokenizer = load_tokenizer(cfg.model)
     train_ex, eval_ex, data_stats = prepare_data(cfg, tokenizer)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,8 +123,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
         save_adapter(model, out / INITIAL_ADAPTER)
     if resume:
         logger.info("resuming from %s", ckpt if ckpt else "the start: no checkpoint was complete")
+    kernel = check_kernel(model) if cfg.train.kernel_check else None
     report = model.qolora_states["default"].report
-    extra = {"data": data_stats, "init_report": report.to_dict() if report else None}
+    extra = {"data": data_stats, "init_report": report.to_dict() if report else None,
+             "kernel_check": vars(kernel) if kernel else None}
     trainer = build_trainer(model, tokenizer, train_ex, eval_ex, cfg, extra, eval_on_start=not resume)
     trainer.train(resume_from_checkpoint=str(ckpt) if (resume and ckpt) else None)
     return save_adapter(model, out / FINAL_ADAPTER)
