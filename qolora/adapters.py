@@ -97,18 +97,19 @@ def check_ranks(model: nn.Module, lora_config: Any) -> None:
     """Check r against every layer ``lora_config`` targets, before PEFT allocates any factor.
 
     Raises:
-        ValueError: naming the first layer whose min(out, in) is below r.
+        ValueError: naming the targeted layer with the smallest min(out, in), when r exceeds it.
     """
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
 
     cfg = _maybe_include_all_linear_layers(copy.deepcopy(lora_config), model)
     ranks = [lora_config.r, *getattr(lora_config, "rank_pattern", {}).values()]
     r = max(ranks)
-    for name, m in model.named_modules():
-        shape = _layer_shape(m)
-        if shape and r > min(shape) and check_target_module_exists(cfg, name):
-            raise ValueError(f"adapter.r: rank {r} exceeds min(out, in) = {min(shape)} of {name} "
-                             f"({shape[0]}x{shape[1]}); choose r <= {min(shape)}")
+    shapes = [(min(shape), name, shape) for name, m in model.named_modules()
+              if (shape := _layer_shape(m)) and check_target_module_exists(cfg, name)]
+    if shapes and r > min(shapes)[0]:
+        limit, name, shape = min(shapes)
+        raise ValueError(f"adapter.r: rank {r} exceeds min(out, in) = {limit} of {name} "
+                         f"({shape[0]}x{shape[1]}); choose r <= {limit}")
 
 
 def _check_base(model: nn.Module) -> None:

@@ -77,6 +77,7 @@ def test_metadata_records_base_and_settings(base_copy, tmp_path) -> None:
     meta = json.loads((tmp_path / "a" / "qolora.json").read_text())
     assert meta["format_version"] == 1
     assert meta["base_model"]["checkpoint"] == str(base_copy.resolve())
+    assert meta["base_model"]["name_or_path"] == str(base_copy)  # not the last module's name ("lm_head")
     assert "model.safetensors" in meta["base_model"]["fingerprint"]["files"]
     assert meta["quant"]["quant_type"] == "nf4" and meta["quant"]["double_quant"] is True
     assert meta["init"]["layer_sources"]["model.layers.1.mlp.down_proj"] == "checkpoint"

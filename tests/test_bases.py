@@ -1,0 +1,113 @@
+"""Bases QOLoRA must rebuild exactly (any load dtype, CPU-unsupported shapes kept unquantized)
+or refuse before corrupting them (8-bit layers, nested PEFT models, a second OLoRA adapter)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import qolora
+from qolora import quant
+
+from .conftest import logits, perturb_lora_
+
+
+def _cfg(init: object = "olora", r: int = 4) -> LoraConfig:
+    return LoraConfig(r=r, lora_alpha=r, target_modules="all-linear", init_lora_weights=init)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_reload_rebuilds_the_recorded_load_dtype(llama_dir, tmp_path, tokens, dtype) -> None:
+    """A base loaded in bf16/fp16 with fp32 compute reloads in that dtype, not the compute dtype."""
+    base = quant.load_quantized(llama_dir, compute_dtype="float32", dtype=dtype)
+    model = perturb_lora_(qolora.get_qolora_model(base, _cfg(), progress=False))
+    want = logits(model, tokens)
+    qolora.save_adapter(model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "qolora.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+    back = qolora.load_adapter(tmp_path / "a", progress=False)
+    assert back.get_input_embeddings().weight.dtype == dtype
+    assert torch.equal(logits(back, tokens), want)
+
+
+@pytest.fixture(scope="module")
+def odd_llama_dir(tmp_path_factory: pytest.TempPathFactory):
+    """intermediate_size 1376: down_proj's in_features is not a multiple of 64."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("odd_llama")
+    torch.manual_seed(5)
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=1376, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=64)).save_pretrained(d)
+    return d
+
+
+def test_cpu_unsupported_layers_stay_unquantized_and_reload_exactly(odd_llama_dir, tmp_path, tokens, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="qolora"):
+        base = quant.load_quantized(odd_llama_dir)
+    kept = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and not quant.is_4bit(m)]
+    assert kept == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "lm_head"]
+    assert sum(quant.is_4bit(m) for m in base.modules()) == 12  # q k v o gate up, 2 layers
+    assert "keeping 2 linear layers unquantized" in caplog.text and "layers.0.mlp.down_proj" in caplog.text
+    model = perturb_lora_(qolora.get_qolora_model(base, _cfg(), progress=False))
+    model.train()
+    model(input_ids=tokens, labels=tokens).loss.backward()  # bitsandbytes' CPU kernels crash on such layers
+    want = logits(model, tokens)
+    qolora.save_adapter(model, tmp_path / "a")
+    assert torch.equal(logits(qolora.load_adapter(tmp_path / "a", progress=False), tokens), want)
+
+
+def test_a_cpu_unsupported_4bit_layer_is_refused_by_name(odd_llama_dir) -> None:
+    base = quant.load_quantized(odd_llama_dir, skip_modules=[])  # forced to 4-bit: would crash at forward
+    with pytest.raises(ValueError, match=r"cannot run these 4-bit layers on the CPU .*model.layers.0.mlp.down_proj"):
+        qolora.get_qolora_model(base, _cfg(), progress=False)
+
+
+def test_an_8bit_base_is_refused(llama_dir) -> None:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    base = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                                                device_map={"": "cpu"})
+    assert any(quant.is_8bit(m) for m in base.modules())
+    with pytest.raises(ValueError, match=r"14 layers are bitsandbytes 8-bit \(first: model.layers.0.self_attn.q_proj\)"):
+        qolora.get_qolora_model(base, _cfg(), progress=False)
+    assert not any("lora_A" in n for n, _ in base.named_modules())  # refused before PEFT touched it
+
+
+def test_an_already_wrapped_model_is_refused(llama_dir) -> None:
+    peft_model = get_peft_model(quant.load_quantized(llama_dir), _cfg(True))
+    with pytest.raises(ValueError, match="already has PEFT adapter layers"):
+        qolora.get_qolora_model(peft_model, _cfg(), progress=False)
+
+
+def test_a_second_olora_adapter_is_refused_and_the_base_kept(llama_dir, tokens) -> None:
+    model = qolora.get_qolora_model(quant.load_quantized(llama_dir), _cfg(), progress=False)
+    before = {n: quant.dequantize(m) for n, m in model.named_modules() if quant.is_4bit(m)}
+    with pytest.raises(ValueError, match="would let PEFT rewrite the 4-bit base"):
+        model.add_adapter("second", _cfg("olora"))
+    with pytest.raises(ValueError, match="holds the OLoRA residual of another adapter"):
+        model.add_adapter("second", _cfg(True))
+    after = {n: quant.dequantize(m) for n, m in model.named_modules() if quant.is_4bit(m)}
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_a_second_plain_lora_adapter_on_a_lora_model_saves(llama_dir, tmp_path, tokens) -> None:
+    model = qolora.get_qolora_model(quant.load_quantized(llama_dir), _cfg(True), progress=False)
+    model.add_adapter("second", _cfg(True))
+    model.set_adapter("second")
+    perturb_lora_(model)
+    want = logits(model, tokens)
+    qolora.save_adapter(model, tmp_path / "b", adapter_name="second")
+    back = qolora.load_adapter(tmp_path / "b", progress=False)
+    assert back.active_adapter == "second" and torch.equal(logits(back, tokens), want)
+
+
+def test_rank_above_a_target_shape_is_refused_before_peft_allocates(llama_dir) -> None:
+    base = quant.load_quantized(llama_dir)
+    with pytest.raises(ValueError, match=r"adapter.r: rank 100000 exceeds min\(out, in\) = 32 of "
+                                         r"model.layers.0.self_attn.k_proj"):
+        qolora.get_qolora_model(base, _cfg(r=100000), progress=False)
