@@ -106,7 +106,11 @@ def check_ranks(model: nn.Module, lora_config: Any) -> None:
     r = max(ranks)
     shapes = [(min(shape), name, shape) for name, m in model.named_modules()
               if (shape := _layer_shape(m)) and check_target_module_exists(cfg, name)]
-    if shapes and r > min(shapes)[0]:
+    if not shapes:
+        t = lora_config.target_modules
+        raise ValueError(f"adapter.target_modules: {sorted(t) if isinstance(t, (set, list)) else t!r} "
+                         "matches no linear layer of the model")
+    if r > min(shapes)[0]:
         limit, name, shape = min(shapes)
         raise ValueError(f"adapter.r: rank {r} exceeds min(out, in) = {limit} of {name} "
                          f"({shape[0]}x{shape[1]}); choose r <= {limit}")

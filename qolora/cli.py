@@ -192,16 +192,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _setup_logging(verbose: bool) -> None:
+    """Progress and info on stdout, warnings and errors on stderr: a failed command's stderr is
+    its one error line (plus any warnings)."""
+    root = logging.getLogger()
+    if root.handlers:  # configured by the caller (or pytest): leave it
+        return
+    fmt = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    err.setLevel(logging.WARNING)
+    for h in (out, err):
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _setup_logging(args.verbose)
     # On AVX512-BF16 CPUs bitsandbytes warns at import that the kernel of its packed CPU eval
     # path is missing; QOLoRA switches that path off (qolora/quant/layout.py), so it is noise.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return int(args.func(args))
     except (ValueError, OSError) as e:  # FileNotFoundError and FileExistsError are OSErrors
-        print(f"qolora {args.command}: error: {e}", file=sys.stderr)
+        msg = " ".join(str(e).split())  # one line, also for libraries' multi-line messages
+        print(f"qolora {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
 
