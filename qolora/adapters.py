@@ -104,12 +104,14 @@ def check_ranks(model: nn.Module, lora_config: Any) -> None:
     cfg = _maybe_include_all_linear_layers(copy.deepcopy(lora_config), model)
     ranks = [lora_config.r, *getattr(lora_config, "rank_pattern", {}).values()]
     r = max(ranks)
-    shapes = [(min(shape), name, shape) for name, m in model.named_modules()
-              if (shape := _layer_shape(m)) and check_target_module_exists(cfg, name)]
-    if not shapes:
+    targeted = [(name, m) for name, m in model.named_modules() if check_target_module_exists(cfg, name)]
+    if not targeted:
         t = lora_config.target_modules
         raise ValueError(f"adapter.target_modules: {sorted(t) if isinstance(t, (set, list)) else t!r} "
-                         "matches no linear layer of the model")
+                         "matches no layer of the model")
+    shapes = [(min(shape), name, shape) for name, m in targeted if (shape := _layer_shape(m))]
+    if not shapes:
+        return  # embeddings only: iter_targets names them for OLoRA; PEFT checks its own
     if r > min(shapes)[0]:
         limit, name, shape = min(shapes)
         raise ValueError(f"adapter.r: rank {r} exceeds min(out, in) = {limit} of {name} "

@@ -160,7 +160,7 @@ CASES: list[Case] = [
     ("bad lr", lambda r, c, *_: _train(r, c, train={"lr": -1.0}), "train.lr: must be > 0"),
     ("unknown init", lambda r, c, *_: _train(r, c, adapter={"init": "pissa"}), "adapter.init: expected one of"),
     ("unknown target", lambda r, c, *_: _train(r, c, adapter={"target_modules": ["qkv"]}),
-     "adapter.target_modules: ['qkv'] matches no linear layer"),
+     "adapter.target_modules: ['qkv'] matches no layer"),
     ("rank too large", lambda r, c, *_: _train(r, c, adapter={"r": 100000}),
      "adapter.r: rank 100000 exceeds min(out, in) = 32 of model.layers.0.self_attn.k_proj"),
     ("folder without config.json", _no_config_json, "not_a_model holds no config.json"),
