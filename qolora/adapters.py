@@ -346,12 +346,8 @@ def load_adapter(
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if meta.init == "olora":
         factors = _read_factors(adir / FACTORS_FILE)
-        lost = sorted({t.name for t in iter_targets(peft_model, name)} - set(factors))
-        if lost:
-            raise ValueError(f"{adir / FACTORS_FILE}: no initial factors for {len(lost)} adapter layers "
-                             f"(first: {lost[0]}); the file is incomplete: restore it from the run folder")
         try:
-            restore_olora_(peft_model, name, factors, meta.layer_sources, folder, progress)
+            restore_olora_(peft_model, name, factors, meta.layer_sources, folder, progress, str(adir / FACTORS_FILE))
         except KeyError as e:
             raise ValueError(f"{meta_path}: no recorded init source for layer {e}") from e
     _load_weights(peft_model, adir, name, set_peft_model_state_dict)

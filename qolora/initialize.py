@@ -262,6 +262,7 @@ def restore_olora_(
     sources: dict[str, str],
     checkpoint: str | os.PathLike[str] | None,
     progress: bool = True,
+    origin: str = "initial factors",
 ) -> None:
     """Rebuild the residual base from recorded initial factors: no QR (DESIGN invariant 6).
 
@@ -269,16 +270,19 @@ def restore_olora_(
     base is bit-identical to the one the adapter was trained on.
 
     Raises:
-        ValueError: when the layers do not match the recorded ones.
+        ValueError: when the layers do not match the recorded ones; the message starts with
+            ``origin`` (where the factors came from).
     """
     needs_ckpt = "checkpoint" in sources.values()
     source = WeightSource(peft_model.base_model.model, "checkpoint" if needs_ckpt else "dequantized", checkpoint)
     targets = list(iter_targets(peft_model, adapter_name))
     names = {t.name for t in targets}
-    if names != set(factors):
-        missing, extra = sorted(set(factors) - names), sorted(names - set(factors))
-        raise ValueError(f"initial factors do not match the model's LoRA layers: no factors for {extra[:3]}, "
-                         f"factors for unknown layers {missing[:3]}")
+    lost, unknown = sorted(names - set(factors)), sorted(set(factors) - names)
+    if lost:
+        raise ValueError(f"{origin}: no initial factors for {len(lost)} adapter layers (first: {lost[0]}); "
+                         "the file is incomplete: restore it from the run folder")
+    if unknown:
+        raise ValueError(f"{origin}: factors for layers the model does not have: {unknown[:3]}")
     for t in tqdm(targets, desc="OLoRA restore", unit="layer", disable=not progress):
         B0, A0 = factors[t.name]
         W, _, _ = source.get(t, require=sources[t.name])

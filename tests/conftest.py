@@ -146,6 +146,20 @@ def tiny_train_config(model_dir, tmp_path, **train_kw):
 
 
 
+def add_trainer_callback(monkeypatch, callback) -> None:
+    """Make ``qolora.training.run.train`` add ``callback`` to the Trainer it builds."""
+    import qolora.training.run as run
+
+    build = run.build_trainer
+
+    def build_with_callback(*a, **k):
+        trainer = build(*a, **k)
+        trainer.add_callback(callback)
+        return trainer
+
+    monkeypatch.setattr(run, "build_trainer", build_with_callback)
+
+
 def perturb_lora_(model: torch.nn.Module, scale: float = 0.01) -> torch.nn.Module:
     """Move every LoRA weight away from its init, as training would."""
     with torch.no_grad():

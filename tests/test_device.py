@@ -20,7 +20,7 @@ from qolora import quant
 from qolora.export import export_merged
 from qolora.quant import KernelCheckError, check_kernel, check_layer
 
-from .conftest import logits, perturb_lora_, tiny_train_config
+from .conftest import add_trainer_callback, logits, perturb_lora_, tiny_train_config
 
 needs_avx512bf16 = pytest.mark.skipif(
     not quant.cpu_packing_available(),
@@ -83,14 +83,7 @@ def test_training_with_evals_and_saves_keeps_the_base(chat_model_dir, tmp_path, 
         def on_train_end(self, args, state, control, model=None, **kw):
             seen["bases"] = _bases(model)
 
-    build = run.build_trainer
-
-    def build_grabbing(*a, **k):
-        trainer = build(*a, **k)
-        trainer.add_callback(Grab())
-        return trainer
-
-    monkeypatch.setattr(run, "build_trainer", build_grabbing)
+    add_trainer_callback(monkeypatch, Grab())
     run.train(tiny_train_config(chat_model_dir, tmp_path, max_steps=5, save_steps=2, eval_steps=2))
     initial = qolora.load_adapter(tmp_path / "run" / "initial_adapter", progress=False)
     _assert_same_bases(_bases(initial), seen["bases"])

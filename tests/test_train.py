@@ -14,7 +14,7 @@ import torch
 import qolora
 from qolora.training import DataError, train
 
-from .conftest import logits, tiny_train_config as _cfg
+from .conftest import add_trainer_callback, logits, tiny_train_config as _cfg
 
 
 def test_train_writes_outputs_and_learns(chat_model_dir, tmp_path) -> None:
@@ -73,7 +73,6 @@ KILLER = textwrap.dedent("""
 def test_resume_after_kill_9_matches_uninterrupted(chat_model_dir, tmp_path, monkeypatch) -> None:
     from transformers import TrainerCallback
 
-    import qolora.training.run as run
     from qolora.config import dump_config
 
     ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
@@ -97,14 +96,7 @@ def test_resume_after_kill_9_matches_uninterrupted(chat_model_dir, tmp_path, mon
         def on_step_end(self, args, state, control, **kw):
             steps_run.append(state.global_step)
 
-    build = run.build_trainer
-
-    def build_counting(*a, **k):
-        trainer = build(*a, **k)
-        trainer.add_callback(Count())
-        return trainer
-
-    monkeypatch.setattr(run, "build_trainer", build_counting)
+    add_trainer_callback(monkeypatch, Count())
     train(cfg, resume=True)
     assert steps_run == [5, 6, 7]  # continued, not restarted
     got = json.loads((kill_dir / "run" / "metrics.json").read_text())["history"]

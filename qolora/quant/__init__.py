@@ -1,12 +1,14 @@
 """Everything that touches bitsandbytes: NF4 (de/re)quantization, 4-bit loading, weight sources."""
 
 from .check import KernelCheck, KernelCheckError, check_kernel, check_layer
-from .layout import check_supported, cpu_packing_available, is_8bit, is_repacked, keep_standard_layout_
+from .layout import check_supported, cpu_packing_available, keep_standard_layout_
 from .loading import bnb_config, load_quantized, meta_model
 from .nf4 import (
     QuantSettings,
     dequantize,
     is_4bit,
+    is_8bit,
+    is_repacked,
     linear4bit,
     quant_settings,
     quantize,

@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from ..precision import dtype_name
-from .layout import is_repacked
-from .nf4 import dequantize
+from .nf4 import dequantize, is_4bit, is_repacked
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +118,6 @@ def check_kernel(model: nn.Module) -> KernelCheck | None:
     Returns:
         The measurement, or None when the model has no 4-bit layer.
     """
-    from .nf4 import is_4bit
-
     for name, m in model.named_modules():
         if is_4bit(m):
             result = check_layer(name.removesuffix(".base_layer"), m)

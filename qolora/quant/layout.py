@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .nf4 import _bnb, is_4bit
+from .nf4 import is_4bit, is_8bit, is_repacked
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +38,6 @@ def cpu_packing_available() -> bool:
     return bool(has_avx512bf16())
 
 
-def is_repacked(layer: nn.Module) -> bool:
-    """True if bitsandbytes has converted this layer to its packed CPU layout."""
-    qs = getattr(getattr(layer, "weight", None), "quant_state", None)
-    return bool(getattr(qs, "packing_format_for_cpu", False))
-
-
 def _unpack_(layer: nn.Module) -> None:
     """Undo the packed layout (bitsandbytes' own inverse; lossy for the absmax statistics)."""
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
@@ -53,21 +47,17 @@ def _unpack_(layer: nn.Module) -> None:
     layer.quant_state = weight.quant_state
 
 
-def keep_standard_layout_(model: nn.Module) -> int:
+def keep_standard_layout_(model: nn.Module) -> None:
     """Switch bitsandbytes' CPU repacking off on every 4-bit layer of ``model``, in place.
 
     A layer that was already repacked (a model the caller ran in eval mode) is converted back
     with a warning: its absmax statistics were rounded to bf16 and cannot be recovered exactly.
-
-    Returns:
-        The number of 4-bit layers pinned.
     """
-    n, undone = 0, []
+    undone = []
     for name, m in model.named_modules():
         if not is_4bit(m):
             continue
         m.support_avx512bf16_for_cpu = False
-        n += 1
         if is_repacked(m):
             _unpack_(m)
             undone.append(name)
@@ -75,7 +65,6 @@ def keep_standard_layout_(model: nn.Module) -> int:
         logger.warning("%d 4-bit layers had been repacked by bitsandbytes' CPU eval path (first: %s); converted "
                        "back, with absmax rounded to bf16: load the model with qolora.load_quantized for an exact base",
                        len(undone), undone[0])
-    return n
 
 
 def cpu_unsupported(shapes: Iterable[tuple[str, int, int]]) -> list[str]:
@@ -115,15 +104,6 @@ def check_supported(model: nn.Module, device: str | torch.device) -> None:
             f"{CPU_IN_MULTIPLE}, out_features of {CPU_OUT_MULTIPLE}): {', '.join(bad[:4])}"
             f"{' ...' if len(bad) > 4 else ''}; load the model with qolora.load_quantized, which keeps them unquantized"
         )
-
-
-def is_8bit(module: nn.Module) -> bool:
-    """True for a bitsandbytes 8-bit linear layer (``Linear8bitLt`` subclasses ``nn.Linear``)."""
-    try:
-        bnb = _bnb()
-    except ImportError:
-        return False
-    return isinstance(module, bnb.nn.Linear8bitLt)
 
 
 def skip_for_device(meta_model: Any, device: str | torch.device) -> list[str]:

@@ -22,13 +22,28 @@ def _bnb() -> Any:
     return bnb
 
 
-def is_4bit(module: nn.Module) -> bool:
-    """True for a bitsandbytes 4-bit linear layer (``bnb.nn.Linear4bit`` and subclasses)."""
+def _is_bnb(module: nn.Module, cls_name: str) -> bool:
     try:
         bnb = _bnb()
     except ImportError:
         return False
-    return isinstance(module, bnb.nn.Linear4bit)
+    return isinstance(module, getattr(bnb.nn, cls_name))
+
+
+def is_4bit(module: nn.Module) -> bool:
+    """True for a bitsandbytes 4-bit linear layer (``bnb.nn.Linear4bit`` and subclasses)."""
+    return _is_bnb(module, "Linear4bit")
+
+
+def is_8bit(module: nn.Module) -> bool:
+    """True for a bitsandbytes 8-bit linear layer (``Linear8bitLt`` subclasses ``nn.Linear``)."""
+    return _is_bnb(module, "Linear8bitLt")
+
+
+def is_repacked(layer: nn.Module) -> bool:
+    """True if bitsandbytes has converted this layer to its packed CPU layout (see layout.py)."""
+    qs = getattr(getattr(layer, "weight", None), "quant_state", None)
+    return bool(getattr(qs, "packing_format_for_cpu", False))
 
 
 @dataclass(frozen=True)
@@ -79,8 +94,7 @@ def _storage_dtype(name: str | torch.dtype) -> torch.dtype:
 
 def _standard_layout(layer: nn.Module) -> None:
     """Refuse a layer in bitsandbytes' packed CPU layout: its data and absmax mean something else."""
-    qs = getattr(layer.weight, "quant_state", None)
-    if getattr(qs, "packing_format_for_cpu", False):
+    if is_repacked(layer):
         raise ValueError(
             "a 4-bit layer was repacked by bitsandbytes' CPU eval path; call "
             "qolora.quant.keep_standard_layout_(model) before running it (get_qolora_model does)"
