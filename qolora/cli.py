@@ -1,4 +1,4 @@
-"""The ``qolora`` command: ``init``, ``train``, ``export``, ``eval``, ``compare``, ``prepare-demo``."""
+"""The ``qolora`` command: ``init``, ``train``, ``export``, ``eval``, ``compare``, ``sweep``, ``plan``, ``prepare-demo``."""
 
 from __future__ import annotations
 
@@ -103,6 +103,20 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .training.sweep import format_summary, parse_list, sweep
+
+    cfg = load_config(args.config, args.overrides)
+    summary = sweep(cfg, parse_list(args.lrs, float, "--lrs"),
+                    args.inits.split(",") if args.inits else None,
+                    parse_list(args.ranks, int, "--ranks") if args.ranks else None,
+                    parse_list(args.seeds, int, "--seeds") if args.seeds else None, args.steps, args.out)
+    print(format_summary(summary, cfg))
+    print(f"wrote {args.out}/sweep.json and {args.out}/sweep.png")
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     import json
 
@@ -173,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="runs/compare")
     c.add_argument("--target-loss", type=float, default=None, help="default: the worst run's final EMA loss")
     c.set_defaults(func=_compare)
+    s = sub.add_parser("sweep", help="train per (init, rank, lr, seed); plot final loss against lr; best lr")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
+    s.add_argument("--lrs", default="3e-5,1e-4,3e-4,1e-3", help="comma-separated learning rates")
+    s.add_argument("--inits", default="olora,lora", help="comma-separated: olora, lora")
+    s.add_argument("--ranks", default=None, help="comma-separated ranks (default: the config's)")
+    s.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's)")
+    s.add_argument("--steps", type=int, default=None, help="steps per run (default: train.max_steps)")
+    s.add_argument("--out", default="runs/sweep")
+    s.set_defaults(func=_sweep)
     pl = sub.add_parser("plan", help="will a fine-tune fit on a GPU? reads config.json only")
     pl.add_argument("model", help="model folder, config.json, or cached hub id")
     pl.add_argument("--seq-len", type=int, required=True)

@@ -81,7 +81,7 @@ class TrainConfig:
     epochs: float = 1.0
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 2.0e-4
+    lr: Union[float, Literal["auto"]] = "auto"  # auto: per adapter init and rank (training/lr.py)
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     optimizer: Literal["auto", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = "auto"
@@ -101,7 +101,7 @@ class TrainConfig:
                      "ce_chunk"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
+        if self.lr != "auto" and self.lr <= 0:
             raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"train.max_steps: must be -1 (use epochs) or >= 1, got {self.max_steps}")
@@ -125,6 +125,14 @@ class Config:
             raise ConfigError(f"version: this QOLoRA reads config version {CONFIG_VERSION}, got {self.version}")
 
 
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(v) for v in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return "a list" if typing.get_origin(tp) is list else tp.__name__
+
+
 def _check_type(value: Any, tp: Any, where: str) -> Any:
     """Check (and lightly coerce: int -> float) ``value`` against a dataclass field type."""
     origin = typing.get_origin(tp)
@@ -133,13 +141,12 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected one of {list(typing.get_args(tp))}, got {value!r}")
         return value
     if origin in (Union, types.UnionType):
-        errors = []
         for arg in typing.get_args(tp):
             try:
                 return _check_type(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{where}: {value!r} is not a valid value ({'; '.join(errors)})")
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {' or '.join(_describe(a) for a in typing.get_args(tp))}, got {value!r}")
     if tp is type(None):
         if value is not None:
             raise ConfigError(f"{where}: expected null, got {value!r}")

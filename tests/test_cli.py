@@ -33,6 +33,6 @@ def test_cli_train_errors_are_one_line(tmp_path, capsys) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: m\ndata: {train: t.jsonl}\ntrain: {lr: fast}\n")
     assert main(["train", str(cfg)]) == 2
-    assert capsys.readouterr().err.strip() == "qolora train: error: train.lr: expected float, got 'fast'"
+    assert capsys.readouterr().err.strip() == "qolora train: error: train.lr: expected float or 'auto', got 'fast'"
     assert main(["train", str(cfg), "train.lr=1e-4", "train.epochs=0"]) == 2
     assert "train.epochs: must be > 0" in capsys.readouterr().err

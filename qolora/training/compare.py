@@ -75,6 +75,25 @@ def plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
     save_figure_atomic(fig, path)
 
 
+def train_once(cfg: Config, name: str) -> dict[str, Any]:
+    """Train ``cfg`` into its output_dir unless it finished before; its metrics.json.
+
+    An interrupted run continues from its latest checkpoint.
+    """
+    run_dir = Path(cfg.train.output_dir)
+    metrics = run_dir / "metrics.json"
+    if (run_dir / FINAL_ADAPTER / "qolora.json").is_file():
+        logger.info("%s is finished; reusing it", name)
+    else:
+        logger.info("training %s", name)
+        t0 = time.perf_counter()
+        train(cfg, resume=run_dir.exists() and latest_checkpoint(run_dir) is not None)
+        m = json.loads(metrics.read_text())
+        m["compare_wall_time_s"] = round(time.perf_counter() - t0, 1)
+        write_json_atomic(metrics, m)
+    return json.loads(metrics.read_text())
+
+
 def compare(cfg: Config, inits: list[str], ranks: list[int] | None = None, out_dir: str | os.PathLike[str] = "runs/compare",
             target_loss: float | None = None) -> dict[str, Any]:
     """Train ``cfg`` once per (init, rank) into ``out_dir/<init>-r<rank>``; write compare.json and compare.png.
@@ -93,18 +112,7 @@ def compare(cfg: Config, inits: list[str], ranks: list[int] | None = None, out_d
             c = copy.deepcopy(cfg)
             c.adapter.init, c.adapter.r, c.adapter.alpha = init, r, cfg.adapter.alpha * r / cfg.adapter.r
             c.train.output_dir = str(out / name)
-            run_dir = Path(c.train.output_dir)
-            metrics = run_dir / "metrics.json"
-            if not (run_dir / FINAL_ADAPTER / "qolora.json").is_file():
-                logger.info("compare: training %s", name)
-                t0 = time.perf_counter()
-                train(c, resume=run_dir.exists() and latest_checkpoint(run_dir) is not None)
-                m = json.loads(metrics.read_text())
-                m["compare_wall_time_s"] = round(time.perf_counter() - t0, 1)
-                write_json_atomic(metrics, m)
-            else:
-                logger.info("compare: %s is finished; reusing it", name)
-            runs[name] = json.loads(metrics.read_text())
+            runs[name] = train_once(c, name)
     summary = summarize(runs, target_loss)
     summary["config"] = str(out / "config.yaml")
     dump_config(cfg, out / "config.yaml")

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers import Trainer
+from transformers.trainer_utils import EvalLoopOutput
 
 from ..config import Config
 from .callbacks import MetricsCallback
 from .losses import IGNORE, chunked_ce_sum
+from .lr import resolve_lr
 from .tokenize import Collator
 
 logger = logging.getLogger(__name__)
@@ -57,39 +62,56 @@ def supports_chunked_ce(lm: nn.Module) -> bool:
             and getattr(cfg, "final_logit_softcapping", None) is None and getattr(cfg, "logit_scale", None) is None)
 
 
-def make_trainer_class() -> type:
-    from transformers import Trainer
+class QoloraTrainer(Trainer):
+    """Trainer whose loss is chunked cross-entropy, whose saved activations can live on the CPU,
+    and whose eval loss is token-weighted (as ``qolora eval``), not a mean of batch means."""
 
-    class QoloraTrainer(Trainer):
-        """Trainer whose loss is chunked cross-entropy and whose saved activations can live on the CPU."""
+    def __init__(self, *args: Any, ce_chunk: int | None = None, offload_activations: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ce_chunk, self.offload = ce_chunk, offload_activations
 
-        def __init__(self, *args: Any, ce_chunk: int | None = None, offload_activations: bool = False,
-                     **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.ce_chunk, self.offload = ce_chunk, offload_activations
+    def loss_sum(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token CE over the label tokens, and their count."""
+        lm = causal_lm(model)
+        labels = inputs["labels"][:, 1:]
+        if self.ce_chunk and supports_chunked_ce(lm):
+            hidden = lm.model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).last_hidden_state
+            total = chunked_ce_sum(hidden[:, :-1].reshape(-1, hidden.shape[-1]), lm.lm_head.weight,
+                                   labels.reshape(-1), self.ce_chunk)
+        else:
+            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
+            total = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                    ignore_index=IGNORE, reduction="sum")
+        return total, (labels != IGNORE).sum()
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
-            import contextlib
-
-            lm = causal_lm(model)
-            offload = (torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
-                       if self.offload and model.training else contextlib.nullcontext())
-            if not self.ce_chunk or not supports_chunked_ce(lm):
-                with offload:
-                    return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        offload = (torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+                   if self.offload and model.training else contextlib.nullcontext())
+        if not self.ce_chunk or not supports_chunked_ce(causal_lm(model)):
             with offload:
-                hidden = lm.model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).last_hidden_state
-                labels = inputs["labels"][:, 1:]
-                total = chunked_ce_sum(hidden[:, :-1].reshape(-1, hidden.shape[-1]), lm.lm_head.weight,
-                                       labels.reshape(-1), self.ce_chunk)
-            if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
-                n = num_items_in_batch  # token count over the accumulated batches, as transformers does
-            else:
-                n = (labels != IGNORE).sum()
-            loss = total / torch.as_tensor(n, device=total.device).clamp_min(1)
-            return (loss, {}) if return_outputs else loss
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with offload:
+            total, count = self.loss_sum(model, inputs)
+        if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+            count = num_items_in_batch  # token count over the accumulated batches, as transformers does
+        loss = total / torch.as_tensor(count, device=total.device).clamp_min(1)
+        return (loss, {}) if return_outputs else loss
 
-    return QoloraTrainer
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,  # noqa: ANN001
+                        metric_key_prefix="eval"):
+        """``<prefix>_loss`` = summed CE / label tokens over the whole eval set."""
+        model = self._wrap_model(self.model, training=False, dataloader=dataloader)
+        model.eval()
+        total, count, n = 0.0, 0, 0
+        with torch.no_grad():
+            for inputs in dataloader:
+                inputs = self._prepare_inputs(inputs)
+                with self.compute_loss_context_manager():
+                    s, c = self.loss_sum(model, inputs)
+                total, count, n = total + float(s), count + int(c), n + inputs["input_ids"].shape[0]
+        metrics = {f"{metric_key_prefix}_loss": total / max(count, 1), f"{metric_key_prefix}_tokens": count}
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=n)
 
 
 def build_trainer(
@@ -106,6 +128,9 @@ def build_trainer(
 
     on_cuda = torch.cuda.is_available()
     t = cfg.train
+    lr, why = resolve_lr(t.lr, cfg.adapter.init, cfg.adapter.r, cfg.adapter.alpha)
+    logger.info("learning rate %g (%s)", lr, why)
+    extra_metrics = {**(extra_metrics or {}), "lr": {"value": lr, "why": why}}
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad), torch.float32)
     args = TrainingArguments(
         output_dir=t.output_dir,
@@ -114,7 +139,7 @@ def build_trainer(
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.lr,
+        learning_rate=lr,
         weight_decay=t.weight_decay,
         lr_scheduler_type="cosine",
         warmup_steps=t.warmup_ratio,
@@ -142,7 +167,7 @@ def build_trainer(
         disable_tqdm=False,
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return make_trainer_class()(
+    return QoloraTrainer(
         ce_chunk=t.ce_chunk if t.chunked_ce else None,
         offload_activations=t.offload_activations,
         model=model,

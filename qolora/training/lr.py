@@ -1,0 +1,49 @@
+"""``train.lr: auto``: a learning rate per adapter init and rank, from measured sweeps.
+
+OLoRA's A = R[:r] starts at the scale of W while LoRA's B starts at zero, so the same Adam lr
+moves an OLoRA adapter much further: its best lr is lower (about 18x lower than LoRA's in Lee
+et al., arXiv 2602.04998). The table holds the best lr of ``qolora sweep`` on the demo model
+(BENCHMARKS.md, "OLoRA at its own best learning rate"), measured at alpha = r (LoRA scale 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+# (init, rank) -> best lr of the 4-bit demo sweep; see BENCHMARKS.md for the grid and seeds.
+AUTO_LR: dict[tuple[str, int], float] = {
+    ("olora", 16): 3e-4,
+    ("olora", 64): 1e-4,
+    ("lora", 16): 1e-3,
+    ("lora", 64): 1e-3,
+}
+
+
+def _by_rank(init: str, r: int) -> tuple[float, str]:
+    ranks = sorted(k for i, k in AUTO_LR if i == init)
+    if r <= ranks[0] or r >= ranks[-1]:
+        near = ranks[0] if r <= ranks[0] else ranks[-1]
+        return AUTO_LR[(init, near)], f"the {init} r{near} sweep's best" + ("" if near == r else f" (nearest rank to {r})")
+    lo = max(k for k in ranks if k <= r)
+    hi = min(k for k in ranks if k >= r)
+    if lo == hi:
+        return AUTO_LR[(init, r)], f"the {init} r{r} sweep's best"
+    t = (math.log(r) - math.log(lo)) / (math.log(hi) - math.log(lo))
+    lr = math.exp((1 - t) * math.log(AUTO_LR[(init, lo)]) + t * math.log(AUTO_LR[(init, hi)]))
+    return lr, f"log-interpolated between the {init} r{lo} and r{hi} sweeps' best"
+
+
+def resolve_lr(lr: float | str, init: str, r: int, alpha: float) -> tuple[float, str]:
+    """The lr to train with, and why. An explicit number wins; "auto" reads ``AUTO_LR``.
+
+    Away from alpha = r the table value is divided by the LoRA scale alpha/r: with Adam the
+    per-step change of s·B·A grows in proportion to s, for either init.
+    """
+    if lr != "auto":
+        return float(lr), "set explicitly"
+    value, why = _by_rank(init, r)
+    scale = alpha / r
+    if not math.isclose(scale, 1.0):
+        value /= scale
+        why += f", divided by the LoRA scale alpha/r = {scale:g} (the table is for alpha = r)"
+    return float(f"{value:.3g}"), why
