@@ -70,8 +70,12 @@ def evaluate(
     *,
     batch_size: int = 8,
     max_rows: int | None = None,
+    models: tuple[str, ...] = ("base", "tuned"),
 ) -> dict[str, Any]:
-    """Base and fine-tuned loss on ``data`` (and ``source_data``), with learn and forget."""
+    """Base and fine-tuned loss on ``data`` (and ``source_data``), with learn and forget.
+
+    ``models=("tuned",)`` skips the base (for many adapters of one base: measure it once).
+    """
     from .run import load_tokenizer
 
     adir = Path(adapter_dir)
@@ -89,10 +93,15 @@ def evaluate(
     base = load_recorded_base(meta, adir / META_FILE)
     result: dict[str, Any] = {"adapter": str(adir), "data": {k: str(v) for k, v in sets.items()}}
     for name, ex in examples.items():
-        result[f"base_{name}"] = asdict(completion_loss(base, ex, pad, batch_size, f"base {name}"))
+        if "base" in models:
+            result[f"base_{name}"] = asdict(completion_loss(base, ex, pad, batch_size, f"base {name}"))
+    if "tuned" not in models:
+        return result
     tuned = load_adapter(adir, base, progress=False)  # turns the base into the residual in place
     for name, ex in examples.items():
         result[f"tuned_{name}"] = asdict(completion_loss(tuned, ex, pad, batch_size, f"fine-tuned {name}"))
+    if "base" not in models:
+        return result
     result["learn"] = result["base_target"]["loss"] - result["tuned_target"]["loss"]
     if source_data:
         result["forget"] = result["tuned_source"]["loss"] - result["base_source"]["loss"]

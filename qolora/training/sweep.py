@@ -111,13 +111,14 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     save_figure_atomic(fig, path)
 
 
-def sweep(cfg: Config, lrs: list[float], inits: list[str] | None = None, ranks: list[int] | None = None,
+def sweep(cfg: Config, lrs: list[float] | dict[str, list[float]], inits: list[str] | None = None, ranks: list[int] | None = None,
           seeds: list[int] | None = None, steps: int | None = None,
           out_dir: str | os.PathLike[str] = "runs/sweep") -> dict[str, Any]:
     """Train ``cfg`` once per (init, rank, lr, seed) into ``out_dir/<init>-r<r>-lr<lr>-s<seed>``.
 
     Writes sweep.json (each run's curve and final loss, the best lr per init and rank) and
     sweep.png. The alpha/r ratio of ``cfg`` is kept at every rank, so the LoRA scale is the same.
+    ``lrs`` may also map ``"<init>-r<rank>"`` to that pair's own lrs (e.g. each init at its best).
     """
     inits = inits or [cfg.adapter.init]
     ranks = ranks or [cfg.adapter.r]
@@ -126,8 +127,10 @@ def sweep(cfg: Config, lrs: list[float], inits: list[str] | None = None, ranks: 
     for init in inits:
         if init not in ("olora", "lora"):
             raise ConfigError(f"--inits: expected olora and/or lora, got {init!r}")
-    for name, values, ok in (("--lrs", lrs, lambda v: v > 0), ("--ranks", ranks, lambda v: v >= 1),
-                             ("--steps", [steps], lambda v: v >= 1)):
+    per = lrs if isinstance(lrs, dict) else {f"{i}-r{r}": lrs for i in inits for r in ranks}
+    checks = (("--lrs", [v for vs in per.values() for v in vs], lambda v: v > 0),
+              ("--ranks", ranks, lambda v: v >= 1), ("--steps", [steps], lambda v: v >= 1))
+    for name, values, ok in checks:
         bad = [v for v in values if not ok(v)]
         if bad:
             raise ConfigError(f"{name}: {bad[0]!r} is out of range" + (" (train.max_steps is -1: pass --steps)"
@@ -135,7 +138,7 @@ def sweep(cfg: Config, lrs: list[float], inits: list[str] | None = None, ranks: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
-    grid = [(init, r, lr, s) for r in ranks for init in inits for lr in lrs for s in seeds]
+    grid = [(init, r, lr, s) for r in ranks for init in inits for lr in per.get(f"{init}-r{r}", []) for s in seeds]
     runs: dict[str, dict[str, Any]] = {}
     took: list[float] = []
     for i, (init, r, lr, seed) in enumerate(grid, 1):
@@ -160,7 +163,7 @@ def sweep(cfg: Config, lrs: list[float], inits: list[str] | None = None, ranks: 
     summary = summarize(runs)
     summary["runs"] = runs
     summary["config"] = str(out / "config.yaml")
-    summary["grid"] = {"lrs": lrs, "inits": inits, "ranks": ranks, "seeds": seeds, "steps": steps}
+    summary["grid"] = {"lrs": per, "inits": inits, "ranks": ranks, "seeds": seeds, "steps": steps}
     write_json_atomic(out / "sweep.json", summary)
     plot(summary, out / "sweep.png")
     return summary

@@ -1,0 +1,206 @@
+"""OLoRA against LoRA, each at its own best learning rate (issue: the seed claims re-measured fairly).
+
+Three phases, each resumable (finished runs are reused), all on the demo model in 4-bit:
+
+    python benchmarks/lr_sweep.py grid     # qolora sweep on chatterbot: lrs x {olora, lora} x ranks, seed 0
+    python benchmarks/lr_sweep.py seeds    # each init at its best lr, seeds 0-2, on chatterbot and pydoc
+    python benchmarks/lr_sweep.py report   # forget evals, mean ± spread, plots, BENCHMARKS.md rows
+
+Needs `qolora prepare-demo --out demo`. Runs go to runs/lr/, plots and JSON to benchmarks/results/lr/.
+Losses are token-weighted held-out cross-entropy on 64 eval rows (QoloraTrainer's eval loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+from qolora.config import load_config  # noqa: E402
+from qolora.training.callbacks import save_figure_atomic, write_json_atomic  # noqa: E402
+from qolora.training.compare import ema  # noqa: E402
+from qolora.training.evaluate import evaluate  # noqa: E402
+from qolora.training.sweep import run_name, sweep  # noqa: E402
+
+DATASETS = {
+    "chatterbot": ("demo/data/train.jsonl", "demo/data/eval.jsonl"),
+    "pydoc": ("demo/data/pydoc_train.jsonl", "demo/data/pydoc_eval.jsonl"),
+}
+RUNS, RESULTS = Path("runs/lr"), Path("benchmarks/results/lr")
+INITS = ["olora", "lora"]
+
+
+def config(ds: str, steps: int, eval_rows: int) -> Any:
+    train, ev = DATASETS[ds]
+    return load_config("examples/demo.yaml", [
+        f"data.train={train}", f"data.eval={ev}", f"data.max_eval_rows={eval_rows}",
+        f"train.max_steps={steps}", "train.eval_steps=20", "train.save_steps=20"])
+
+
+def grid(args: argparse.Namespace) -> dict[str, Any]:
+    lrs = [float(x) for x in args.lrs.split(",")]
+    s = sweep(config("chatterbot", args.steps, args.eval_rows), lrs, INITS, args.ranks, [0], args.steps,
+              RUNS / "chatterbot-grid")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for ext in ("json", "png"):
+        shutil.copy(RUNS / "chatterbot-grid" / f"sweep.{ext}", RESULTS / f"chatterbot-sweep.{ext}")
+    return s
+
+
+def best_lrs() -> dict[str, list[float]]:
+    s = json.loads((RESULTS / "chatterbot-sweep.json").read_text())
+    return {k: [b["lr"]] for k, b in s["best"].items()}
+
+
+def seeds(args: argparse.Namespace) -> None:
+    best = best_lrs()
+    for ds in args.datasets.split(","):
+        out = RUNS / f"{ds}-seeds"
+        out.mkdir(parents=True, exist_ok=True)
+        if ds == "chatterbot":  # seed 0 at the best lr is already in the grid
+            for key, (lr,) in best.items():
+                init, r = key.rsplit("-r", 1)
+                name = run_name(init, int(r), lr, 0)
+                if not (out / name).exists():
+                    os.symlink((RUNS / "chatterbot-grid" / name).resolve(), out / name)
+        sweep(config(ds, args.steps, args.eval_rows), best, INITS, args.ranks, [0, 1, 2], args.steps, out)
+
+
+def _forget(adapter: Path, source: str, rows: int) -> float:
+    path = adapter.parent / "source_loss.json"
+    if not path.is_file():
+        write_json_atomic(path, evaluate(adapter, source, max_rows=rows, models=("tuned",)))
+    return json.loads(path.read_text())["tuned_target"]["loss"]
+
+
+def _base(ds: str, adapter: Path, rows: int) -> dict[str, float]:
+    path = RESULTS / f"{ds}-base.json"
+    if not path.is_file():
+        other = DATASETS[next(n for n in DATASETS if n != ds)][1]
+        r = evaluate(adapter, DATASETS[ds][1], other, max_rows=rows, models=("base",))
+        write_json_atomic(path, {"target": r["base_target"]["loss"], "source": r["base_source"]["loss"]})
+    return json.loads(path.read_text())
+
+
+def _mean_spread(xs: list[float | None]) -> str:
+    if any(x is None for x in xs):
+        return f"{sum(x is not None for x in xs)}/{len(xs)} reached"
+    m = statistics.fmean(xs)
+    return f"{m:.3f} ± {(max(xs) - min(xs)) / 2:.3f}" if len(xs) > 1 else f"{m:.3f}"
+
+
+def report(args: argparse.Namespace) -> None:
+    rows, out = [], {}
+    for ds in args.datasets.split(","):
+        path = RUNS / f"{ds}-seeds" / "sweep.json"
+        if not path.is_file():
+            continue
+        s = json.loads(path.read_text())
+        other = DATASETS[next(n for n in DATASETS if n != ds)][1]
+        runs = s["runs"]
+        base = _base(ds, RUNS / f"{ds}-seeds" / next(iter(runs)) / "adapter", args.eval_rows)
+        for name, m in runs.items():
+            m["learn"] = base["target"] - m["final_eval_loss"]
+            m["forget"] = _forget(RUNS / f"{ds}-seeds" / name / "adapter", other, args.eval_rows) - base["source"]
+            m["train_ema"] = ema([h["loss"] for h in m["history"]])
+        out[ds] = {"base": base, "runs": runs, "best_lr": s["grid"]["lrs"]}
+        for r in sorted({m["r"] for m in runs.values()}):
+            per = {i: sorted((m for m in runs.values() if m["init"] == i and m["r"] == r), key=lambda m: m["seed"])
+                   for i in INITS}
+            if len(per["olora"]) != len(per["lora"]) or not per["lora"]:
+                continue
+            steps = []  # OLoRA's steps to LoRA's final train loss (EMA 0.8), same seed
+            for o, lo in zip(per["olora"], per["lora"]):
+                target = lo["train_ema"][-1]
+                steps.append(next((h["step"] for h, v in zip(o["history"], o["train_ema"]) if v <= target), None))
+            cells = {i: {k: _mean_spread([m[k] for m in per[i]]) for k in ("final_eval_loss", "learn", "forget")}
+                     for i in INITS}
+            lr = {i: per[i][0]["lr"] for i in INITS}
+            n = len(per["lora"])
+            rows.append(_common.row(
+                f"{ds}, r={r}, {args.steps} steps x 8, {n} seeds", f"{lr['olora']:g} / {lr['lora']:g}",
+                f"{_mean_spread(steps)} / {args.steps}",
+                f"{cells['olora']['final_eval_loss']} / {cells['lora']['final_eval_loss']}",
+                f"{cells['olora']['learn']} / {cells['lora']['learn']}",
+                f"{cells['olora']['forget']} / {cells['lora']['forget']}",
+                f"`{_common.command()}`", _common.machine(), _common.today()))
+        plot_seeds(ds, runs, RESULTS / f"{ds}-seeds.png")
+    grid_path = RUNS / "chatterbot-grid" / "sweep.json"
+    if grid_path.is_file():  # learn and forget along the lr axis, seed 0: forget at matched learn
+        g = json.loads(grid_path.read_text())
+        base = _base("chatterbot", RUNS / "chatterbot-grid" / next(iter(g["runs"])) / "adapter", args.eval_rows)
+        for name, m in g["runs"].items():
+            if m["final_eval_loss"] is not None:
+                m["learn"] = base["target"] - m["final_eval_loss"]
+                m["forget"] = _forget(RUNS / "chatterbot-grid" / name / "adapter", DATASETS["pydoc"][1],
+                                      args.eval_rows) - base["source"]
+        out["chatterbot-grid"] = g["runs"]
+        plot_frontier(g["runs"], RESULTS / "chatterbot-learn-forget.png")
+    write_json_atomic(RESULTS / "seeds.json", out)
+    print("| dataset, rank, seeds | lr (OLoRA / LoRA) | OLoRA's steps to LoRA's final train loss / steps "
+          "| final held-out loss (OLoRA / LoRA) | learn | forget | command | machine | date |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+def plot_seeds(ds: str, runs: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranks = sorted({m["r"] for m in runs.values()})
+    fig, axes = plt.subplots(1, len(ranks), figsize=(6 * len(ranks), 4.5), squeeze=False)
+    for ax, r in zip(axes[0], ranks):
+        for init, color in zip(INITS, ("C0", "C1")):
+            ms = [m for m in runs.values() if m["init"] == init and m["r"] == r]
+            for j, m in enumerate(ms):
+                ax.plot([h["step"] for h in m["history"]], m["train_ema"], color=color, alpha=0.6,
+                        label=f"{init} lr {m['lr']:g} ({len(ms)} seeds)" if j == 0 else None)
+        ax.set(title=f"{ds} r={r}: train loss (EMA 0.8), each seed", xlabel="step", ylabel="loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save_figure_atomic(fig, path)
+
+
+def plot_frontier(runs: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for key in sorted({f"{m['init']}-r{m['r']}" for m in runs.values()}):
+        ms = sorted((m for m in runs.values() if f"{m['init']}-r{m['r']}" == key and "learn" in m), key=lambda m: m["lr"])
+        ax.plot([m["learn"] for m in ms], [m["forget"] for m in ms], "o-", label=key)
+        for m in ms:
+            ax.annotate(f"{m['lr']:g}", (m["learn"], m["forget"]), fontsize=7)
+    ax.set(title="chatterbot sweep, seed 0: forget (pydoc) against learn, one point per lr",
+           xlabel="learn (base − tuned held-out loss)", ylabel="forget (tuned − base pydoc loss)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure_atomic(fig, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("phase", choices=["grid", "seeds", "report"])
+    ap.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3")
+    ap.add_argument("--ranks", type=lambda t: [int(x) for x in t.split(",")], default=[16, 64])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--eval-rows", type=int, default=64)
+    ap.add_argument("--datasets", default="chatterbot,pydoc")
+    args = ap.parse_args()
+    {"grid": grid, "seeds": seeds, "report": report}[args.phase](args)
+
+
+if __name__ == "__main__":
+    main()
