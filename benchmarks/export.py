@@ -75,7 +75,7 @@ def make_adapter(adapter: Path, ckpt: Path, h: int, inter: int, layers: int) -> 
     from peft import LoraConfig
 
     from qolora import quant
-    from qolora.metadata import FACTORS_FILE, AdapterMeta
+    from qolora.adapter_dir import FACTORS_FILE, AdapterMeta
     from qolora.olora import olora_factors
 
     src = quant.CheckpointWeights(ckpt)

@@ -2,7 +2,7 @@
 
 Three phases, each resumable (finished runs are reused), all on the demo model in 4-bit:
 
-    python benchmarks/lr_sweep.py grid     # qolora sweep on chatterbot: lrs x {olora, lora} x ranks, seed 0
+    python benchmarks/lr_sweep.py grid     # qolora sweep on chatterbot per rank: each init over its lrs, seed 0
     python benchmarks/lr_sweep.py seeds    # each init at its best lr, seeds 0-2, on chatterbot and pydoc
     python benchmarks/lr_sweep.py report   # forget evals, mean ± spread, plots, BENCHMARKS.md rows
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 from qolora.config import load_config  # noqa: E402
-from qolora.training.callbacks import save_figure_atomic, write_json_atomic  # noqa: E402
+from qolora._io import save_figure_atomic, write_json_atomic  # noqa: E402
 from qolora.training.compare import ema  # noqa: E402
 from qolora.training.evaluate import evaluate  # noqa: E402
 from qolora.training.sweep import run_name, sweep  # noqa: E402
@@ -46,22 +46,27 @@ def config(ds: str, steps: int, eval_rows: int) -> Any:
 
 
 def grid(args: argparse.Namespace) -> dict[str, Any]:
-    lrs = [float(x) for x in args.lrs.split(",")]
-    s = sweep(config("chatterbot", args.steps, args.eval_rows), lrs, INITS, args.ranks, [0], args.steps,
-              RUNS / "chatterbot-grid")
+    """One sweep per rank (its own dir and JSON), each init over its own lrs."""
+    lrs = {"olora": [float(x) for x in args.olora_lrs.split(",")], "lora": [float(x) for x in args.lora_lrs.split(",")]}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for ext in ("json", "png"):
-        shutil.copy(RUNS / "chatterbot-grid" / f"sweep.{ext}", RESULTS / f"chatterbot-sweep.{ext}")
+    for r in args.ranks:
+        out = RUNS / f"chatterbot-grid-r{r}"
+        s = sweep(config("chatterbot", args.steps, args.eval_rows), {f"{i}-r{r}": lrs[i] for i in INITS}, INITS, [r],
+                  [0], args.steps, out)
+        for ext in ("json", "png"):
+            shutil.copy(out / f"sweep.{ext}", RESULTS / f"chatterbot-sweep-r{r}.{ext}")
     return s
 
 
-def best_lrs() -> dict[str, list[float]]:
-    s = json.loads((RESULTS / "chatterbot-sweep.json").read_text())
-    return {k: [b["lr"]] for k, b in s["best"].items()}
+def best_lrs(ranks: list[int]) -> dict[str, list[float]]:
+    best = {}
+    for r in ranks:
+        best.update({k: [b["lr"]] for k, b in json.loads((RESULTS / f"chatterbot-sweep-r{r}.json").read_text())["best"].items()})
+    return best
 
 
 def seeds(args: argparse.Namespace) -> None:
-    best = best_lrs()
+    best = best_lrs(args.ranks)
     for ds in args.datasets.split(","):
         out = RUNS / f"{ds}-seeds"
         out.mkdir(parents=True, exist_ok=True)
@@ -70,7 +75,7 @@ def seeds(args: argparse.Namespace) -> None:
                 init, r = key.rsplit("-r", 1)
                 name = run_name(init, int(r), lr, 0)
                 if not (out / name).exists():
-                    os.symlink((RUNS / "chatterbot-grid" / name).resolve(), out / name)
+                    os.symlink((RUNS / f"chatterbot-grid-r{r}" / name).resolve(), out / name)
         sweep(config(ds, args.steps, args.eval_rows), best, INITS, args.ranks, [0, 1, 2], args.steps, out)
 
 
@@ -133,17 +138,21 @@ def report(args: argparse.Namespace) -> None:
                 f"{cells['olora']['forget']} / {cells['lora']['forget']}",
                 f"`{_common.command()}`", _common.machine(), _common.today()))
         plot_seeds(ds, runs, RESULTS / f"{ds}-seeds.png")
-    grid_path = RUNS / "chatterbot-grid" / "sweep.json"
-    if grid_path.is_file():  # learn and forget along the lr axis, seed 0: forget at matched learn
-        g = json.loads(grid_path.read_text())
-        base = _base("chatterbot", RUNS / "chatterbot-grid" / next(iter(g["runs"])) / "adapter", args.eval_rows)
+    grid_runs: dict[str, Any] = {}  # learn and forget along the lr axis, seed 0: forget at matched learn
+    for r in args.ranks:
+        gdir = RUNS / f"chatterbot-grid-r{r}"
+        if not (gdir / "sweep.json").is_file():
+            continue
+        g = json.loads((gdir / "sweep.json").read_text())
+        base = _base("chatterbot", gdir / next(iter(g["runs"])) / "adapter", args.eval_rows)
         for name, m in g["runs"].items():
             if m["final_eval_loss"] is not None:
                 m["learn"] = base["target"] - m["final_eval_loss"]
-                m["forget"] = _forget(RUNS / "chatterbot-grid" / name / "adapter", DATASETS["pydoc"][1],
-                                      args.eval_rows) - base["source"]
-        out["chatterbot-grid"] = g["runs"]
-        plot_frontier(g["runs"], RESULTS / "chatterbot-learn-forget.png")
+                m["forget"] = _forget(gdir / name / "adapter", DATASETS["pydoc"][1], args.eval_rows) - base["source"]
+            grid_runs[name] = m
+    if grid_runs:
+        out["chatterbot-grid"] = grid_runs
+        plot_frontier(grid_runs, RESULTS / "chatterbot-learn-forget.png")
     write_json_atomic(RESULTS / "seeds.json", out)
     print("| dataset, rank, seeds | lr (OLoRA / LoRA) | OLoRA's steps to LoRA's final train loss / steps "
           "| final held-out loss (OLoRA / LoRA) | learn | forget | command | machine | date |")
@@ -193,7 +202,8 @@ def plot_frontier(runs: dict[str, Any], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("phase", choices=["grid", "seeds", "report"])
-    ap.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3")
+    ap.add_argument("--olora-lrs", default="1e-4,3e-4,1e-3")
+    ap.add_argument("--lora-lrs", default="3e-4,1e-3,3e-3")
     ap.add_argument("--ranks", type=lambda t: [int(x) for x in t.split(",")], default=[16, 64])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--eval-rows", type=int, default=64)

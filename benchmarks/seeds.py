@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 from qolora.config import load_config  # noqa: E402
-from qolora.training.callbacks import write_json_atomic  # noqa: E402
+from qolora._io import write_json_atomic  # noqa: E402
 from qolora.training.compare import compare, format_summary  # noqa: E402
 from qolora.training.evaluate import evaluate  # noqa: E402
 

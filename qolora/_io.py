@@ -1,13 +1,15 @@
-"""Atomic outputs: write into a temporary sibling, then rename into place."""
+"""Files and process facts: atomic outputs (write a temporary sibling, rename it into place),
+safetensors reads with one-line errors, peak RSS."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 @contextlib.contextmanager
@@ -56,3 +58,41 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict:
     except Exception as e:  # safetensors raises its own SafetensorError (not an OSError) on a bad file
         raise ValueError(f"{p} is not a complete safetensors file ({str(e).splitlines()[0]}): the save was "
                          "interrupted or the file is corrupt; save again or restore the file") from e
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path``; readers see the old file or the whole new one, never a part."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def save_figure_atomic(fig: Any, path: str | os.PathLike[str]) -> None:
+    """Save and close a matplotlib figure; the PNG appears only once complete."""
+    import matplotlib.pyplot as plt
+
+    p = Path(path)
+    fig.tight_layout()
+    tmp = p.with_name(f".{p.stem}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, p)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size."""
+    import resource
+    import sys
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)

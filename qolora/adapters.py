@@ -10,20 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from . import quant
-from ._io import atomic_dir, read_safetensors
+from .adapter_dir import FACTORS_FILE, WEIGHTS_FILE, AdapterDir, AdapterMeta, read_adapter_dir, write_adapter_dir
 from .initialize import INIT_SOURCES, init_olora_, iter_targets, restore_olora_
-from .metadata import FACTORS_FILE, AdapterMeta
 from .precision import dtype_name
 from .report import InitReport
 
 logger = logging.getLogger(__name__)
-
-PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
 
 @dataclass
 class QoloraState:
@@ -232,33 +227,17 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike[str], adapter_name
     never leaves a dir that looks complete; an existing dir is replaced.
     """
     state = _state(model, adapter_name)
-    out = Path(out_dir)
-    with atomic_dir(out) as tmp:
+
+    def save_peft(tmp: Path) -> None:
         model.save_pretrained(str(tmp), selected_adapters=[adapter_name])
         if adapter_name != "default":  # PEFT nests non-default adapters one level down
             for f in (tmp / adapter_name).iterdir():
                 f.rename(tmp / f.name)
             (tmp / adapter_name).rmdir()
-        if state.factors:
-            tensors: dict[str, torch.Tensor] = {}
-            for name, (B0, A0) in state.factors.items():
-                tensors[f"{name}.B0"] = B0.detach().cpu().contiguous()
-                tensors[f"{name}.A0"] = A0.detach().cpu().contiguous()
-            save_file(tensors, str(tmp / FACTORS_FILE), metadata={"format": "qolora-initial-factors"})
-        state.meta.write(tmp)
+
+    out = write_adapter_dir(out_dir, save_peft, state.meta, state.factors)
     logger.info("saved adapter %r to %s", adapter_name, out)
     return out
-
-
-def _read_factors(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the OLoRA initial factors are needed to rebuild the base")
-    flat = read_safetensors(path)
-    names = {k.rsplit(".", 1)[0] for k in flat}
-    try:
-        return {n: (flat[f"{n}.B0"], flat[f"{n}.A0"]) for n in names}
-    except KeyError as e:
-        raise ValueError(f"{path}: missing tensor {e}") from e
 
 
 def load_recorded_base(meta: AdapterMeta, meta_path: Path, device_map: Any = None) -> nn.Module:
@@ -268,30 +247,16 @@ def load_recorded_base(meta: AdapterMeta, meta_path: Path, device_map: Any = Non
         raise FileNotFoundError(
             f"base model {ref!r} recorded in {meta_path} was not found; pass base_model= or restore it"
         )
-    if meta.quant is None:
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(ref, dtype=meta.dtype, device_map=device_map)
-    q = quant.QuantSettings.from_dict(meta.quant)
-    return quant.load_quantized(
+    q = quant.QuantSettings.from_dict(meta.quant) if meta.quant else None
+    return quant.load_base(
         ref,
-        compute_dtype=meta.quant.get("compute_dtype", "auto"),
+        quant_type=q.quant_type if q else "none",
+        compute_dtype=(meta.quant or {}).get("compute_dtype", "auto"),
         dtype=meta.dtype,  # the load dtype, which may differ from the compute dtype
-        quant_type=q.quant_type,
-        double_quant=q.double_quant,
+        double_quant=q.double_quant if q else False,
+        skip_modules=(meta.quant or {}).get("skip_modules"),
         device_map=device_map,
-        skip_modules=meta.quant.get("skip_modules"),
     )
-
-
-def _verify_base(meta: AdapterMeta, meta_path: Path, folder: str | None) -> None:
-    if meta.fingerprint is None or folder is None:
-        return
-    if not Path(folder).is_dir():
-        raise FileNotFoundError(f"base checkpoint {folder} recorded in {meta_path} was not found")
-    why = quant.fingerprint_mismatch(meta.fingerprint, folder)
-    if why:
-        raise ValueError(f"base checkpoint does not match {meta_path}: {why}")
 
 
 def load_adapter(
@@ -319,53 +284,47 @@ def load_adapter(
         FileNotFoundError: a missing adapter file or base checkpoint (named).
         ValueError: a changed base checkpoint, or an adapter that does not fit the base.
     """
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model
 
-    adir = Path(adapter_dir)
-    if not adir.is_dir():
-        raise FileNotFoundError(f"adapter dir {adir} does not exist")
-    for name in PEFT_FILES:
-        if not (adir / name).is_file():
-            raise FileNotFoundError(f"{adir / name} not found: {adir} is not a complete adapter dir")
-    meta = AdapterMeta.read(adir)
-    meta_path = adir / "qolora.json"
-    folder = str(checkpoint) if checkpoint is not None else meta.checkpoint
-    _verify_base(meta, meta_path, folder)
+    ad = read_adapter_dir(adapter_dir)
+    meta, meta_path = ad.meta, ad.meta_path
+    folder = ad.verify_base(checkpoint)
     if base_model is None:
         base_model = load_recorded_base(meta, meta_path, device_map)
     _check_base(base_model)
     is_4bit = any(quant.is_4bit(m) for m in base_model.modules())
     if is_4bit != (meta.quant is not None):
         raise ValueError(f"{meta_path}: adapter was made on a {'4-bit' if meta.quant else 'unquantized'} base")
-    cfg = LoraConfig.from_pretrained(str(adir))
+    cfg = LoraConfig.from_pretrained(str(ad.dir))
     recorded_init = cfg.init_lora_weights
     cfg.init_lora_weights = False if meta.init == "olora" else True
     cfg.inference_mode = not is_trainable
     name = meta.adapter_name
     peft_model = get_peft_model(base_model, cfg, adapter_name=name)
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if meta.init == "olora":
-        factors = _read_factors(adir / FACTORS_FILE)
         try:
-            restore_olora_(peft_model, name, factors, meta.layer_sources, folder, progress, str(adir / FACTORS_FILE))
+            restore_olora_(peft_model, name, ad.initial, meta.layer_sources, str(folder) if folder else None,
+                           progress, str(ad.dir / FACTORS_FILE))
         except KeyError as e:
             raise ValueError(f"{meta_path}: no recorded init source for layer {e}") from e
-    _load_weights(peft_model, adir, name, set_peft_model_state_dict)
+    _load_weights(peft_model, ad, name)
     peft_model.peft_config[name].init_lora_weights = recorded_init
     if not is_trainable:
         for p in peft_model.parameters():
             p.requires_grad_(False)
         peft_model.eval()
-    peft_model.qolora_states = {name: QoloraState(meta, factors)}
+    peft_model.qolora_states = {name: QoloraState(meta, ad.initial)}
     _guard_add_adapter(peft_model)
     return peft_model
 
 
-def _load_weights(peft_model: nn.Module, adir: Path, name: str, set_state: Any) -> None:
-    weights = read_safetensors(adir / "adapter_model.safetensors")
-    result = set_state(peft_model, weights, adapter_name=name)
+def _load_weights(peft_model: nn.Module, ad: AdapterDir, name: str) -> None:
+    from peft import set_peft_model_state_dict
+
+    where = ad.dir / WEIGHTS_FILE
+    result = set_peft_model_state_dict(peft_model, ad.tensors, adapter_name=name)
     if result.unexpected_keys:
-        raise ValueError(f"{adir / 'adapter_model.safetensors'}: unexpected tensors {result.unexpected_keys[:3]}")
+        raise ValueError(f"{where}: unexpected tensors {result.unexpected_keys[:3]}")
     n_layers = len(list(iter_targets(peft_model, name)))
-    if len(weights) < 2 * n_layers:
-        raise ValueError(f"{adir / 'adapter_model.safetensors'}: {len(weights)} tensors for {n_layers} LoRA layers")
+    if len(ad.tensors) < 2 * n_layers:
+        raise ValueError(f"{where}: {len(ad.tensors)} tensors for {n_layers} LoRA layers")

@@ -15,17 +15,10 @@ def _init(args: argparse.Namespace) -> int:
     from peft import LoraConfig
 
     from .adapters import get_qolora_model, save_adapter
-    from .quant import load_quantized
+    from .quant import load_base
 
     t0 = time.perf_counter()
-    if args.no_quant:
-        from transformers import AutoModelForCausalLM
-
-        from .precision import resolve_compute_dtype
-
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=resolve_compute_dtype(args.compute_dtype).dtype)
-    else:
-        model = load_quantized(args.model, compute_dtype=args.compute_dtype)
+    model = load_base(args.model, quant_type="none" if args.no_quant else "nf4", compute_dtype=args.compute_dtype)
     targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
     cfg = LoraConfig(
         r=args.r,
@@ -82,7 +75,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.out:
         from pathlib import Path
 
-        from .training.callbacks import write_json_atomic
+        from ._io import write_json_atomic
 
         write_json_atomic(Path(args.out), result)
         print(f"wrote {args.out}")

@@ -258,7 +258,6 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def dump_config(cfg: Config, path: str | os.PathLike[str]) -> None:
     """Write the resolved config as YAML (atomically)."""
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, p)
+    from ._io import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -172,7 +172,7 @@ CASES: list[Case] = [
     ("empty adapter weights", _empty_weights, "adapter_model.safetensors is empty"),
     ("truncated adapter weights", _truncated_weights, "adapter_model.safetensors is not a complete safetensors file"),
     ("initial factors missing a layer", _factors_missing_layer,
-     "initial_factors.safetensors: no initial factor 'model.layers.1.mlp.down_proj.B0'"),
+     "initial_factors.safetensors: no initial factors for 1 adapter layers (first: model.layers.1.mlp.down_proj)"),
     ("initial factors missing a layer (load)", _factors_missing_layer_on_load,
      "initial_factors.safetensors: no initial factors for 1 adapter layers (first: model.layers.1.mlp.down_proj)"),
     ("base changed since init", _base_changed, "base checkpoint does not match"),

@@ -7,6 +7,7 @@ import json
 from qolora.cli import main
 from qolora.training import train
 from qolora.training.compare import compare, summarize
+from qolora.training import Encoder
 from qolora.training.evaluate import evaluate
 
 from .conftest import tiny_train_config
@@ -19,10 +20,16 @@ def _source(tmp_path) -> str:
     return str(p)
 
 
-def test_eval_learn_and_forget(chat_model_dir, tmp_path, capsys) -> None:
+def test_eval_learn_and_forget(chat_model_dir, tmp_path, capsys, monkeypatch) -> None:
     cfg = tiny_train_config(chat_model_dir, tmp_path, max_steps=10, eval_steps=10, save_steps=10)
     adapter = train(cfg)
+    (adapter.parent / "config.yaml").unlink()  # the data settings come from qolora.json
+    import qolora.training.evaluate as ev
+
+    lengths = []
+    monkeypatch.setattr(ev, "Encoder", lambda tok, n, *a: lengths.append(n) or Encoder(tok, n, *a))
     result = evaluate(adapter, cfg.data.train, _source(tmp_path), batch_size=4)
+    assert lengths == [32, 32]
     assert result["tuned_target"]["loss"] < result["base_target"]["loss"]
     assert result["learn"] == result["base_target"]["loss"] - result["tuned_target"]["loss"] > 0
     assert result["forget"] == result["tuned_source"]["loss"] - result["base_source"]["loss"]

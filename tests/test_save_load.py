@@ -75,7 +75,7 @@ def test_metadata_records_base_and_settings(base_copy, tmp_path) -> None:
     model = qolora.get_qolora_model(quant.load_quantized(base_copy), _cfg(), progress=False)
     qolora.save_adapter(model, tmp_path / "a")
     meta = json.loads((tmp_path / "a" / "qolora.json").read_text())
-    assert meta["format_version"] == 1
+    assert meta["format_version"] == 2 and meta["data"] is None  # not made by qolora train
     assert meta["base_model"]["checkpoint"] == str(base_copy.resolve())
     assert meta["base_model"]["name_or_path"] == str(base_copy)  # not the last module's name ("lm_head")
     assert "model.safetensors" in meta["base_model"]["fingerprint"]["files"]
@@ -133,7 +133,29 @@ def test_save_without_state_and_interrupted_save(llama_dir, tmp_path, monkeypatc
     def crash(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("qolora.adapters.save_file", crash)
+    monkeypatch.setattr("qolora.adapter_dir.save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         qolora.save_adapter(model, tmp_path / "b")
     assert list(tmp_path.iterdir()) == []  # neither the dir nor a temp dir is left behind
+
+
+def test_format_1_dirs_still_load_and_take_data_settings_from_the_run(base_copy, tmp_path) -> None:
+    """Format 1 had no "data" field; its reader takes the run's config.yaml beside the adapter."""
+    from qolora.adapter_dir import read_adapter_dir
+
+    model = perturb_lora_(qolora.get_qolora_model(quant.load_quantized(base_copy), _cfg(), progress=False))
+    qolora.save_adapter(model, tmp_path / "run" / "adapter")
+    path = tmp_path / "run" / "adapter" / "qolora.json"
+    meta = json.loads(path.read_text())
+    meta["format_version"] = 1
+    del meta["data"]
+    path.write_text(json.dumps(meta))
+    assert read_adapter_dir(path.parent).meta.data is None
+    (tmp_path / "run" / "config.yaml").write_text("data: {train: t.jsonl, template: plain, max_length: 64}\n")
+    assert read_adapter_dir(path.parent).meta.data == {"train": "t.jsonl", "template": "plain", "max_length": 64}
+    x = torch.randint(0, 128, (1, 12))
+    assert torch.equal(logits(qolora.load_adapter(path.parent, progress=False), x), logits(model, x))
+    meta["format_version"] = 3
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="format_version 3 is not supported"):
+        read_adapter_dir(path.parent)

@@ -29,6 +29,9 @@ def test_train_writes_outputs_and_learns(chat_model_dir, tmp_path) -> None:
     assert m["eval"][-1]["eval_loss"] < m["eval"][0]["eval_loss"]
     assert m["tokens_seen"] > 0 and m["tokens_per_s"] > 0 and m["peak_memory_bytes"]["cpu_peak_rss"] > 0
     assert m["init_report"]["sources"] == {"checkpoint": 14}
+    for d in ("initial_adapter", "adapter"):  # eval and export read these, not the run's config.yaml
+        recorded = json.loads((run / d / "qolora.json").read_text())["data"]
+        assert recorded == {"train": cfg.data.train, "template": "auto", "max_length": 32, "completion_only": True}
     model = qolora.load_adapter(adapter, progress=False)
     assert torch.isfinite(logits(model, torch.tensor([[1, 7, 8, 9]]))).all()
 

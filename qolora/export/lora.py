@@ -19,7 +19,9 @@ from safetensors.torch import save_file
 
 from .. import quant
 from .._io import atomic_dir
-from .common import PEFT_PREFIX, peak_rss_bytes, read_adapter
+from .._io import peak_rss_bytes
+from ..adapter_dir import PEFT_PREFIX
+from .common import read_adapter
 from .merged import _PREFIXES, ExportResult, merged_weight
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,9 @@ from .. import quant
 from .._io import atomic_dir
 from ..olora import subtract_lowrank_
 from ..precision import dtype_name, parse_dtype
-from .common import AdapterParts, peak_rss_bytes, read_adapter
+from .._io import peak_rss_bytes
+from ..adapter_dir import AdapterDir
+from .common import read_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ class ShardWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def merged_weight(parts: AdapterParts, name: str, W: torch.Tensor, mode: str, device: str) -> torch.Tensor:
+def merged_weight(parts: AdapterDir, name: str, W: torch.Tensor, mode: str, device: str) -> torch.Tensor:
     """One target layer's merged (out, in) float32 weight from its original W (out, in)."""
     meta = parts.meta
     B, A = (t.to(device) for t in parts.weights[name])
@@ -108,7 +110,7 @@ def merged_weight(parts: AdapterParts, name: str, W: torch.Tensor, mode: str, de
     return W.addmm_(B.to(torch.float32), A.to(torch.float32), alpha=s)
 
 
-def _quant_device(parts: AdapterParts) -> str:
+def _quant_device(parts: AdapterDir) -> str:
     recorded = (parts.meta.quant or {}).get("device", "cpu")
     if recorded == "cuda" and not torch.cuda.is_available():
         logger.warning("the base was quantized on CUDA; re-quantizing on the CPU may differ in the last bit")
@@ -173,7 +175,7 @@ def export_merged(
     return result
 
 
-def _write_side_files(parts: AdapterParts, tmp: Path, out_dtype: torch.dtype, mode: str) -> None:
+def _write_side_files(parts: AdapterDir, tmp: Path, out_dtype: torch.dtype, mode: str) -> None:
     """config.json without quantization_config, tokenizer and generation files, a model card."""
     config = json.loads((parts.checkpoint / "config.json").read_text())
     config.pop("quantization_config", None)
@@ -185,20 +187,7 @@ def _write_side_files(parts: AdapterParts, tmp: Path, out_dtype: torch.dtype, mo
     (tmp / "README.md").write_text(model_card(parts, mode, out_dtype))
 
 
-def _training_data(parts: AdapterParts) -> str:
-    cfg = parts.dir.parent / "config.yaml"
-    if cfg.is_file():
-        import yaml
-
-        try:
-            data: Any = yaml.safe_load(cfg.read_text())
-            return str(data["data"]["train"])
-        except (yaml.YAMLError, KeyError, TypeError):
-            pass
-    return "not recorded"
-
-
-def model_card(parts: AdapterParts, mode: str, out_dtype: torch.dtype) -> str:
+def model_card(parts: AdapterDir, mode: str, out_dtype: torch.dtype) -> str:
     c, meta = parts.config, parts.meta
     base = meta.base_model or str(parts.checkpoint)
     how = ("dequant(NF4(W_res)) + s·B·A: exactly the 4-bit model that was trained" if mode == "trained"
@@ -213,7 +202,7 @@ tags: [qolora, olora, lora, merged]
 - Base model: `{base}`
 - Method: {'OLoRA' if meta.init == 'olora' else 'LoRA'} adapters (arXiv 2406.01775) on a {'4-bit ' + meta.quant['quant_type'].upper() if meta.quant else 'full-precision'} base, trained with QOLoRA
 - Rank {c['r']}, alpha {c['lora_alpha']}, target modules {c.get('target_modules')}
-- Training data: {_training_data(parts)}
+- Training data: {(meta.data or {}).get('train', 'not recorded')}
 - Merge mode `{mode}`: {how}
 - Weights: {dtype_name(out_dtype)} safetensors; loads with `AutoModelForCausalLM.from_pretrained`
 """

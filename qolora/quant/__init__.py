@@ -2,7 +2,7 @@
 
 from .check import KernelCheck, KernelCheckError, check_kernel, check_layer
 from .layout import check_supported, cpu_packing_available, keep_standard_layout_
-from .loading import bnb_config, load_quantized, meta_model
+from .loading import bnb_config, load_base, load_quantized, meta_model
 from .nf4 import (
     QuantSettings,
     dequantize,
@@ -38,6 +38,7 @@ __all__ = [
     "fingerprint_mismatch",
     "is_4bit",
     "linear4bit",
+    "load_base",
     "load_quantized",
     "meta_model",
     "quant_settings",

@@ -128,3 +128,27 @@ def load_quantized(
     logger.info("loaded %s in 4-bit %s (double quant %s, compute %s, dtype %s)", path, quant_type, double_quant,
                 cdtype, pdtype)
     return model
+
+
+def load_base(
+    path_or_id: str | os.PathLike[str],
+    *,
+    quant_type: str = "nf4",
+    compute_dtype: str | torch.dtype = "auto",
+    dtype: str | torch.dtype | None = None,
+    double_quant: bool = True,
+    skip_modules: list[str] | None = None,
+    device_map: Any = None,
+) -> nn.Module:
+    """The one base-model loader of ``qolora train``, ``qolora init`` and adapter reloads.
+
+    ``quant_type`` "nf4"/"fp4": ``load_quantized``; "none": unquantized, in ``dtype`` (default:
+    the resolved compute dtype).
+    """
+    if quant_type == "none":
+        from transformers import AutoModelForCausalLM
+
+        pdtype = parse_dtype(dtype, "dtype") if dtype is not None else resolve_compute_dtype(compute_dtype).dtype
+        return AutoModelForCausalLM.from_pretrained(resolve_model(path_or_id), dtype=pdtype, device_map=device_map)
+    return load_quantized(path_or_id, compute_dtype=compute_dtype, dtype=dtype, quant_type=quant_type,
+                          double_quant=double_quant, device_map=device_map, skip_modules=skip_modules)

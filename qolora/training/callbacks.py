@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,12 +11,14 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from .._io import peak_rss_bytes, save_figure_atomic, write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 
 def peak_memory_bytes() -> dict[str, int]:
     """Peak CUDA allocation (if any) and the process's peak RSS."""
-    out = {"cpu_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)}
+    out = {"cpu_peak_rss": peak_rss_bytes()}
     if torch.cuda.is_available():
         out["cuda_peak_allocated"] = int(torch.cuda.max_memory_allocated())
     return out
@@ -29,12 +28,6 @@ def metrics_from_history(log_history: list[dict[str, Any]]) -> dict[str, Any]:
     history = [{"step": e["step"], "loss": e["loss"]} for e in log_history if "loss" in e and "step" in e]
     evals = [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in log_history if "eval_loss" in e]
     return {"history": history, "eval": evals}
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def plot_loss(metrics: dict[str, Any], path: Path) -> None:
@@ -55,17 +48,6 @@ def plot_loss(metrics: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure_atomic(fig, path)
-
-
-def save_figure_atomic(fig: Any, path: Path) -> None:
-    """Save and close a matplotlib figure; the PNG appears only once complete."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 class MetricsCallback(TrainerCallback):

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, dump_config
-from .callbacks import save_figure_atomic, write_json_atomic
+from .._io import save_figure_atomic, write_json_atomic
+from ..adapter_dir import META_FILE
 from .run import FINAL_ADAPTER, latest_checkpoint, train
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def train_once(cfg: Config, name: str) -> dict[str, Any]:
     """
     run_dir = Path(cfg.train.output_dir)
     metrics = run_dir / "metrics.json"
-    if (run_dir / FINAL_ADAPTER / "qolora.json").is_file():
+    if (run_dir / FINAL_ADAPTER / META_FILE).is_file():
         logger.info("%s is finished; reusing it", name)
     else:
         logger.info("training %s", name)

@@ -7,6 +7,7 @@ The base is the model the adapter was made on, loaded as at init (the 4-bit QLoR
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -19,7 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import load_adapter, load_recorded_base
-from ..metadata import META_FILE, AdapterMeta
+from ..adapter_dir import DATA_KEYS, read_adapter_dir
+from ..config import DataConfig
 from .data import load_rows
 from .tokenize import IGNORE, Collator, Encoder
 
@@ -52,17 +54,6 @@ def completion_loss(model: nn.Module, examples: list[dict[str, list[int]]], pad_
     return LossResult(loss, math.exp(min(loss, 50.0)), count, len(examples))
 
 
-def _train_settings(adapter_dir: Path) -> dict[str, Any]:
-    """data.template / max_length / completion_only from the training run's config.yaml, if any."""
-    cfg = adapter_dir.parent / "config.yaml"
-    if not cfg.is_file():
-        return {}
-    import yaml
-
-    data = (yaml.safe_load(cfg.read_text()) or {}).get("data", {})
-    return {k: data[k] for k in ("template", "max_length", "completion_only") if k in data}
-
-
 def evaluate(
     adapter_dir: str | os.PathLike[str],
     data: str | os.PathLike[str],
@@ -78,9 +69,10 @@ def evaluate(
     """
     from .run import load_tokenizer
 
-    adir = Path(adapter_dir)
-    meta = AdapterMeta.read(adir)
-    settings = {"template": "auto", "max_length": 512, "completion_only": True, **_train_settings(adir)}
+    ad = read_adapter_dir(adapter_dir)
+    adir, meta = ad.dir, ad.meta
+    defaults = {f.name: f.default for f in dataclasses.fields(DataConfig) if f.name in DATA_KEYS}
+    settings = {**defaults, **(meta.data or {})}  # an adapter not made by qolora train: the defaults
     tokenizer = load_tokenizer(meta.checkpoint or meta.base_model)
     sets = {"target": data, **({"source": source_data} if source_data else {})}
     examples = {}
@@ -90,7 +82,7 @@ def evaluate(
         examples[name] = Encoder(tokenizer, settings["max_length"], settings["template"],
                                  settings["completion_only"]).encode_rows(rows)
     pad = tokenizer.pad_token_id
-    base = load_recorded_base(meta, adir / META_FILE)
+    base = load_recorded_base(meta, ad.meta_path)
     result: dict[str, Any] = {"adapter": str(adir), "data": {k: str(v) for k, v in sets.items()}}
     for name, ex in examples.items():
         if "base" in models:

@@ -12,10 +12,11 @@ from typing import Any
 
 from torch import nn
 
+from ..adapter_dir import DATA_KEYS, META_FILE
 from ..adapters import check_ranks, get_qolora_model, load_adapter, save_adapter
 from ..config import Config, ConfigError, changed_on_resume, dump_config
-from ..precision import resolve_compute_dtype
-from ..quant import check_kernel, load_quantized, meta_model, resolve_model
+from .. import quant
+from ..quant import check_kernel, meta_model, resolve_model
 from .data import load_rows
 from .tokenize import Encoder, pack, split_rows
 from .trainer import build_trainer, prepare_for_training_
@@ -67,12 +68,8 @@ def prepare_data(cfg: Config, tokenizer: Any) -> tuple[list, list, dict[str, Any
 
 
 def load_base(cfg: Config) -> nn.Module:
-    if cfg.quant.type == "none":
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=resolve_compute_dtype(cfg.quant.compute_dtype).dtype)
-    return load_quantized(cfg.model, compute_dtype=cfg.quant.compute_dtype, quant_type=cfg.quant.type,
-                          double_quant=cfg.quant.double_quant)
+    q = cfg.quant
+    return quant.load_base(cfg.model, quant_type=q.type, compute_dtype=q.compute_dtype, double_quant=q.double_quant)
 
 
 def lora_config(cfg: Config) -> Any:
@@ -116,10 +113,14 @@ def train(cfg: Config, resume: bool = False) -> Path:
     dump_config(cfg, out / "config.yaml")
     base = load_base(cfg)
     prepare_for_training_(base, cfg.train.gradient_checkpointing)
-    if resume and (out / INITIAL_ADAPTER / "qolora.json").is_file():
-        model = load_adapter(out / INITIAL_ADAPTER, base, is_trainable=True)  # exact base, no QR
-    else:
+    fresh = not (resume and (out / INITIAL_ADAPTER / META_FILE).is_file())
+    if fresh:
         model = get_qolora_model(base, lora_config(cfg), init_source=cfg.adapter.init_source)
+    else:
+        model = load_adapter(out / INITIAL_ADAPTER, base, is_trainable=True)  # exact base, no QR
+    d = cfg.data  # recorded in qolora.json, so eval and export read them from the adapter itself
+    model.qolora_states["default"].meta.data = {k: getattr(d, k) for k in DATA_KEYS}
+    if fresh:
         save_adapter(model, out / INITIAL_ADAPTER)
     if resume:
         logger.info("resuming from %s", ckpt if ckpt else "the start: no checkpoint was complete")

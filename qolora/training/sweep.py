@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError, dump_config
-from .callbacks import save_figure_atomic, write_json_atomic
+from .._io import save_figure_atomic, write_json_atomic
 from .compare import train_once
+from ..adapter_dir import META_FILE
 from .run import FINAL_ADAPTER
 
 logger = logging.getLogger(__name__)
@@ -148,9 +149,9 @@ def sweep(cfg: Config, lrs: list[float] | dict[str, list[float]], inits: list[st
         t = c.train
         t.lr, t.seed, t.max_steps, t.output_dir = lr, seed, steps, str(out / name)
         t.eval_steps, t.logging_steps = eval_every(steps, t.eval_steps), 1
-        finished = (out / name / FINAL_ADAPTER / "qolora.json").is_file()
+        finished = (out / name / FINAL_ADAPTER / META_FILE).is_file()
         if not finished:
-            left = sum(1 for g in grid[i - 1:] if not (out / run_name(*g) / FINAL_ADAPTER / "qolora.json").is_file())
+            left = sum(1 for g in grid[i - 1:] if not (out / run_name(*g) / FINAL_ADAPTER / META_FILE).is_file())
             eta = f"; about {statistics.fmean(took) * left / 60:.0f} min left" if took else ""
             logger.info("sweep: run %d of %d: %s (%d to train%s)", i, len(grid), name, left, eta)
         t0 = time.perf_counter()
