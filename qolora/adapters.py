@@ -14,7 +14,8 @@ from torch import nn
 
 from . import quant
 from .adapter_dir import FACTORS_FILE, WEIGHTS_FILE, AdapterDir, AdapterMeta, read_adapter_dir, write_adapter_dir
-from .initialize import INIT_SOURCES, init_olora_, iter_targets, restore_olora_
+from .choices import INIT_SOURCES
+from .initialize import init_olora_, iter_targets, restore_olora_
 from .precision import dtype_name
 from .report import InitReport
 

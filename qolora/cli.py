@@ -9,6 +9,7 @@ import time
 from typing import Sequence
 
 from . import __version__
+from .choices import INIT_SOURCES, INITS, OPTIMIZERS
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -56,12 +57,8 @@ def _export(args: argparse.Namespace) -> int:
                                max_shard_bytes=int(args.max_shard_gb * 2**30))
         print(result)
     else:
-        result, gap = export_lora(args.adapter_dir, args.out_dir, overwrite=args.overwrite,
-                                  checkpoint=args.checkpoint, measure_gap=args.gap)
-        print(result)
-        if gap is not None:
-            print(f"gap to the trained model: mean relative weight difference {gap:.5f} "
-                  "(the residual's NF4 error, which the portable adapter on the original base does not have)")
+        print(export_lora(args.adapter_dir, args.out_dir, overwrite=args.overwrite, checkpoint=args.checkpoint,
+                          measure_gap=args.gap))
     return 0
 
 
@@ -143,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: r, so scale 1)")
     q.add_argument("--dropout", type=float, default=0.0)
     q.add_argument("--target-modules", default="all-linear", help="'all-linear' or comma-separated names")
-    q.add_argument("--init", choices=["olora", "lora"], default="olora")
-    q.add_argument("--init-source", choices=["auto", "checkpoint", "dequantized"], default="auto")
+    q.add_argument("--init", choices=INITS, default="olora")
+    q.add_argument("--init-source", choices=INIT_SOURCES, default="auto")
     q.add_argument("--compute-dtype", default="auto", help="auto, float32, bfloat16 or float16")
     q.add_argument("--no-quant", action="store_true", help="keep the base unquantized")
     q.set_defaults(func=_init)
@@ -197,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--rank", type=int, default=16)
     pl.add_argument("--gpu-memory", default="24GiB")
     pl.add_argument("--optimizer", default="paged_adamw_8bit",
-                    choices=["paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch"])
+                    choices=OPTIMIZERS)
     pl.add_argument("--no-gradient-checkpointing", action="store_true")
     pl.add_argument("--no-chunked-ce", action="store_true")
     pl.add_argument("--offload-activations", action="store_true")

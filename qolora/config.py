@@ -15,6 +15,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from .choices import DTYPE_NAMES, INIT_SOURCES, INITS, QUANT_TYPES, TRAIN_OPTIMIZERS
+
 CONFIG_VERSION = 1
 
 
@@ -24,23 +26,23 @@ class ConfigError(ValueError):
 
 @dataclass
 class QuantConfig:
-    type: Literal["nf4", "fp4", "none"] = "nf4"
+    type: Literal[QUANT_TYPES] = "nf4"
     double_quant: bool = True
     compute_dtype: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.compute_dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+        if self.compute_dtype not in ("auto", *DTYPE_NAMES):
             raise ConfigError(f"quant.compute_dtype: expected auto, float32, bfloat16 or float16, got {self.compute_dtype!r}")
 
 
 @dataclass
 class AdapterConfig:
-    init: Literal["olora", "lora"] = "olora"
+    init: Literal[INITS] = "olora"
     r: int = 16
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: Union[str, list[str]] = "all-linear"
-    init_source: Literal["auto", "checkpoint", "dequantized"] = "auto"
+    init_source: Literal[INIT_SOURCES] = "auto"
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -84,7 +86,7 @@ class TrainConfig:
     lr: Union[float, Literal["auto"]] = "auto"  # auto: per adapter init and rank (training/lr.py)
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
-    optimizer: Literal["auto", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = "auto"
+    optimizer: Literal[TRAIN_OPTIMIZERS] = "auto"
     gradient_checkpointing: bool = True
     chunked_ce: bool = True
     ce_chunk: int = 1024

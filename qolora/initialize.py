@@ -19,12 +19,12 @@ from tqdm.auto import tqdm
 
 from . import quant
 from .olora import check_rank, olora_factors, subtract_lowrank_
+from .choices import INIT_SOURCES
 from .report import InitReport, LayerReport
 
 logger = logging.getLogger(__name__)
 
-InitSource = Literal["auto", "checkpoint", "dequantized"]
-INIT_SOURCES: tuple[str, ...] = ("auto", "checkpoint", "dequantized")
+InitSource = Literal[INIT_SOURCES]
 # A checkpoint tensor further than this from the loaded 4-bit weight is not that weight (NF4's
 # own relative error is about 0.1).
 _MATCH_TOLERANCE = 0.5

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 GiB = 1 << 30
-OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch")
+from .choices import OPTIMIZERS
 MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit states for tensors smaller than this
 
 

@@ -12,16 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .choices import DTYPE_NAMES
+
 logger = logging.getLogger(__name__)
 
-_NAMES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
+_SHORT = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+_NAMES: dict[str, torch.dtype] = {n: getattr(torch, _SHORT.get(n, n)) for n in DTYPE_NAMES}
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,7 @@ def test_original_formula_and_portable_lora(base_copy, tmp_path, tokens) -> None
     assert (merged[f"{name}.weight"] - want).abs().max() <= 1e-5
     assert torch.equal(merged["model.norm.weight"], base["model.norm.weight"])
 
-    _, gap = export_lora(tmp_path / "a", tmp_path / "lora", measure_gap=True)
+    gap = export_lora(tmp_path / "a", tmp_path / "lora", measure_gap=True).gap
     cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert cfg["r"] == 16 and cfg["lora_alpha"] == 32 and cfg["init_lora_weights"] is True
     on_original = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_copy), tmp_path / "lora")

@@ -18,9 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from .. import quant
-from .._io import atomic_dir
-from .._io import peak_rss_bytes
-from ..adapter_dir import PEFT_PREFIX
+from .._io import atomic_dir, peak_rss_bytes
+from ..adapter_dir import PEFT_PREFIX, AdapterDir
 from .common import read_adapter
 from .merged import _PREFIXES, ExportResult, merged_weight
 
@@ -39,11 +38,11 @@ def export_lora(
     overwrite: bool = False,
     checkpoint: str | os.PathLike[str] | None = None,
     measure_gap: bool = False,
-) -> tuple[ExportResult, float | None]:
+) -> ExportResult:
     """Write the rank-2r adapter; optionally measure its gap to the trained model.
 
     Returns:
-        The export result and, with ``measure_gap``, the mean over layers of
+        The export result; with ``measure_gap`` its ``gap`` is the mean over layers of
         ‖W_original_merge − W_trained_merge‖_F / ‖W_trained_merge‖_F: the residual's NF4 error
         that the portable adapter leaves out (None otherwise).
     """
@@ -75,12 +74,12 @@ def export_lora(
         (tmp / "adapter_config.json").write_text(json.dumps(c, indent=2) + "\n")
     gap = _gap(parts) if measure_gap else None
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    result = ExportResult(out, time.perf_counter() - t0, nbytes, peak_rss_bytes(), len(tensors), len(parts.weights))
+    result = ExportResult(out, time.perf_counter() - t0, nbytes, peak_rss_bytes(), len(tensors), len(parts.weights), gap)
     logger.info("%s", result)
-    return result, gap
+    return result
 
 
-def _gap(parts) -> float:
+def _gap(parts: AdapterDir) -> float:
     """Mean relative weight difference between the original-base merge and the trained merge."""
     if parts.meta.quant is None:
         return 0.0

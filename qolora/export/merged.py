@@ -45,10 +45,15 @@ class ExportResult:
     peak_rss_bytes: int
     tensors: int
     merged_layers: int
+    gap: float | None = None  # export_lora(measure_gap=True): mean relative weight gap to the trained model
 
     def __str__(self) -> str:
-        return (f"wrote {self.out_dir}: {self.tensors} tensors ({self.merged_layers} adapter layers), "
+        text = (f"wrote {self.out_dir}: {self.tensors} tensors ({self.merged_layers} adapter layers), "
                 f"{self.bytes_written / 2**20:.1f} MiB in {self.seconds:.1f} s, peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB")
+        if self.gap is not None:
+            text += (f"\ngap to the trained model: mean relative weight difference {self.gap:.5f} (the residual's NF4 "
+                     "error, which the portable adapter on the original base does not have)")
+        return text
 
 
 class ShardWriter:

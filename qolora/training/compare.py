@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..choices import INITS
 from ..config import Config, dump_config
 from .._io import save_figure_atomic, write_json_atomic
 from ..adapter_dir import META_FILE
@@ -102,7 +103,7 @@ def compare(cfg: Config, inits: list[str], ranks: list[int] | None = None, out_d
     The alpha/r ratio of ``cfg`` is kept at every rank, so the LoRA scale is the same.
     """
     for init in inits:
-        if init not in ("olora", "lora"):
+        if init not in INITS:
             raise ValueError(f"--inits: expected olora and/or lora, got {init!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,8 @@ from ..adapters import load_adapter, load_recorded_base
 from ..adapter_dir import DATA_KEYS, read_adapter_dir
 from ..config import DataConfig
 from .data import load_rows
-from .tokenize import IGNORE, Collator, Encoder
+from .losses import IGNORE
+from .tokenize import Collator, Encoder
 
 
 @dataclass

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..choices import INITS
 from ..config import Config, ConfigError, dump_config
 from .._io import save_figure_atomic, write_json_atomic
 from .compare import train_once
@@ -126,7 +127,7 @@ def sweep(cfg: Config, lrs: list[float] | dict[str, list[float]], inits: list[st
     seeds = seeds if seeds is not None else [cfg.train.seed]
     steps = steps or cfg.train.max_steps
     for init in inits:
-        if init not in ("olora", "lora"):
+        if init not in INITS:
             raise ConfigError(f"--inits: expected olora and/or lora, got {init!r}")
     per = lrs if isinstance(lrs, dict) else {f"{i}-r{r}": lrs for i in inits for r in ranks}
     checks = (("--lrs", [v for vs in per.values() for v in vs], lambda v: v > 0),

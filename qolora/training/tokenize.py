@@ -14,10 +14,10 @@ from typing import Any
 import torch
 
 from .data import DataError, Rows
+from .losses import IGNORE
 
 logger = logging.getLogger(__name__)
 
-IGNORE = -100
 Segments = list[tuple[str, bool]]
 
 

@@ -1,0 +1,10 @@
+"""The names a user can choose, each listed once: config fields, CLI flags and checks read them here."""
+
+from __future__ import annotations
+
+INITS = ("olora", "lora")
+INIT_SOURCES = ("auto", "checkpoint", "dequantized")  # where OLoRA's W comes from (initialize.WeightSource)
+QUANT_TYPES = ("nf4", "fp4", "none")
+OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch")  # paged_* need CUDA
+TRAIN_OPTIMIZERS = ("auto", *OPTIMIZERS)  # auto: paged 8-bit on CUDA, torch AdamW on CPU
+DTYPE_NAMES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
