@@ -49,8 +49,11 @@ def eval_pass(model: torch.nn.Module, batches: list[dict]) -> tuple[list[float],
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         times.append(time.perf_counter() - t0)
         labels = b["labels"][:, 1:]
-        total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                       ignore_index=IGNORE, reduction="sum"))
+        total += float(
+            F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+            )
+        )
         count += int((labels != IGNORE).sum())
     return times, total / count
 
@@ -88,20 +91,35 @@ def main() -> None:
     drift = float((quant.dequantize(layer) - w0).abs().max() / w0.abs().max())
     med = {k: median(v[1:] if len(v) > 1 else v) for k, v in runs.items()}  # first pass: warm-up
     result = {
-        "machine": machine(), "date": today(), "command": command(), "batches": len(batches),
-        "batch_size": args.batch_size, "seconds_per_batch": runs, "median_s_per_batch": med,
-        "speedup_packed": med["standard"] / med["packed"], "eval_loss": losses,
+        "machine": machine(),
+        "date": today(),
+        "command": command(),
+        "batches": len(batches),
+        "batch_size": args.batch_size,
+        "seconds_per_batch": runs,
+        "median_s_per_batch": med,
+        "speedup_packed": med["standard"] / med["packed"],
+        "eval_loss": losses,
         "packed_base_drift_max_rel": drift,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
-    print(row(f"eval forward, SmolLM2-135M 4-bit NF4, fp32 compute, OLoRA r16, {len(batches)} batches of "
-              f"{args.batch_size} (<= 128 tokens)", f"standard {med['standard']:.3f} s/batch",
-              f"packed {med['packed']:.3f} s/batch", f"**{result['speedup_packed']:.2f}x**",
-              f"median of {args.repeats - 1} passes after warm-up, A B A B; eval loss {losses['standard']:.4f} "
-              f"standard vs {losses['packed']:.4f} packed; packed base moved {drift:.1e} (max rel) after one "
-              "state_dict()", f"`{command()}`", machine(), today()))
+    print(
+        row(
+            f"eval forward, SmolLM2-135M 4-bit NF4, fp32 compute, OLoRA r16, {len(batches)} batches of "
+            f"{args.batch_size} (<= 128 tokens)",
+            f"standard {med['standard']:.3f} s/batch",
+            f"packed {med['packed']:.3f} s/batch",
+            f"**{result['speedup_packed']:.2f}x**",
+            f"median of {args.repeats - 1} passes after warm-up, A B A B; eval loss {losses['standard']:.4f} "
+            f"standard vs {losses['packed']:.4f} packed; packed base moved {drift:.1e} (max rel) after one "
+            "state_dict()",
+            f"`{command()}`",
+            machine(),
+            today(),
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ For each size it writes a checkpoint and a trained-looking OLoRA adapter dir (r=
 base recorded, checkpoint source), then alternates, A B A B: a plain copy of the checkpoint's
 bytes, and `qolora export merged` in a fresh process (its own peak RSS). It prints peak RSS
 per size: the sizes share one width and grow in depth, so a flat peak shows that memory does
-not grow with the model (it grows with the largest tensor and the shard size) and export throughput as a ratio to the plain copy.
+not grow with the model (it grows with the largest tensor and the shard size) and export throughput as a
+ratio to the plain copy.
 
     python benchmarks/export.py [--sizes 330m,540m,950m] [--repeats 3] [--mode trained] [--shard-mb 256]
 """
@@ -36,17 +37,31 @@ PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 
 
 def shapes(h: int, inter: int) -> dict[str, tuple[int, int]]:
-    return {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "o_proj": (h, h),
-            "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}
+    return {
+        "q_proj": (h, h),
+        "k_proj": (h, h),
+        "v_proj": (h, h),
+        "o_proj": (h, h),
+        "gate_proj": (inter, h),
+        "up_proj": (inter, h),
+        "down_proj": (h, inter),
+    }
 
 
 def make_checkpoint(folder: Path, h: int, inter: int, layers: int) -> int:
     """Write config.json and one safetensors shard per decoder layer; return the parameter count."""
     from transformers import LlamaConfig
 
-    LlamaConfig(vocab_size=VOCAB, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
-                num_attention_heads=h // 64, num_key_value_heads=h // 64, tie_word_embeddings=False,
-                torch_dtype="bfloat16").save_pretrained(folder)
+    LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=h,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=h // 64,
+        num_key_value_heads=h // 64,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    ).save_pretrained(folder)
     g = torch.Generator().manual_seed(0)
     weight_map, n = {}, 0
 
@@ -56,12 +71,21 @@ def make_checkpoint(folder: Path, h: int, inter: int, layers: int) -> int:
         weight_map.update({k: name for k in tensors})
         n += sum(t.numel() for t in tensors.values())
 
-    emit("embed.safetensors", {"model.embed_tokens.weight": (torch.randn(VOCAB, h, generator=g) * 0.02).bfloat16(),
-                               "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
-                               "lm_head.weight": (torch.randn(VOCAB, h, generator=g) * 0.02).bfloat16()})
+    emit(
+        "embed.safetensors",
+        {
+            "model.embed_tokens.weight": (torch.randn(VOCAB, h, generator=g) * 0.02).bfloat16(),
+            "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
+            "lm_head.weight": (torch.randn(VOCAB, h, generator=g) * 0.02).bfloat16(),
+        },
+    )
     for i in range(layers):
-        t = {f"model.layers.{i}.{'mlp' if p in PROJ[4:] else 'self_attn'}.{p}.weight":
-             (torch.randn(*s, generator=g) * 0.02).bfloat16() for p, s in shapes(h, inter).items()}
+        t = {
+            f"model.layers.{i}.{'mlp' if p in PROJ[4:] else 'self_attn'}.{p}.weight": (
+                torch.randn(*s, generator=g) * 0.02
+            ).bfloat16()
+            for p, s in shapes(h, inter).items()
+        }
         t[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
         t[f"model.layers.{i}.post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
         emit(f"layer{i:03d}.safetensors", t)
@@ -93,16 +117,25 @@ def make_adapter(adapter: Path, ckpt: Path, h: int, inter: int, layers: int) -> 
     save_file(factors, str(adapter / FACTORS_FILE))
     LoraConfig(r=R, lora_alpha=R, target_modules=list(PROJ), init_lora_weights="olora").save_pretrained(adapter)
     q = quant.QuantSettings("nf4", 64, True, torch.uint8, torch.bfloat16).to_dict()
-    AdapterMeta(init="olora", init_source="auto", layer_sources={n: "checkpoint" for n in names},
-                base_model=str(ckpt), checkpoint=str(ckpt), fingerprint=quant.fingerprint(ckpt, progress=False),
-                quant={**q, "compute_dtype": "bfloat16", "device": "cpu"}, dtype="bfloat16",
-                quantized_modules=names).write(adapter)
+    AdapterMeta(
+        init="olora",
+        init_source="auto",
+        layer_sources={n: "checkpoint" for n in names},
+        base_model=str(ckpt),
+        checkpoint=str(ckpt),
+        fingerprint=quant.fingerprint(ckpt, progress=False),
+        quant={**q, "compute_dtype": "bfloat16", "device": "cpu"},
+        dtype="bfloat16",
+        quantized_modules=names,
+    ).write(adapter)
 
 
-EXPORT = ("import json, sys; from qolora.export import export_merged; "
-          "r = export_merged(sys.argv[1], sys.argv[2], mode=sys.argv[3], max_shard_bytes=int(sys.argv[4]), "
-          "overwrite=True, progress=False); print(json.dumps({'s': r.seconds, 'rss': r.peak_rss_bytes, "
-          "'bytes': r.bytes_written}))")
+EXPORT = (
+    "import json, sys; from qolora.export import export_merged; "
+    "r = export_merged(sys.argv[1], sys.argv[2], mode=sys.argv[3], max_shard_bytes=int(sys.argv[4]), "
+    "overwrite=True, progress=False); print(json.dumps({'s': r.seconds, 'rss': r.peak_rss_bytes, "
+    "'bytes': r.bytes_written}))"
+)
 
 
 def main() -> None:
@@ -127,19 +160,35 @@ def main() -> None:
                 shutil.copytree(ckpt, copy)
                 t_copy.append(time.perf_counter() - t0)
                 shutil.rmtree(copy)
-                res = subprocess.run([sys.executable, "-c", EXPORT, str(adapter), str(out), args.mode,
-                                      str(args.shard_mb << 20)], capture_output=True, text=True, check=True)
+                res = subprocess.run(
+                    [sys.executable, "-c", EXPORT, str(adapter), str(out), args.mode, str(args.shard_mb << 20)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 r = json.loads(res.stdout.strip().splitlines()[-1])
                 t_exp.append(r["s"])
                 rss.append(r["rss"])
-                print(f"{size} run {rep + 1}: copy {t_copy[-1]:.2f} s, export {r['s']:.2f} s, "
-                      f"peak RSS {r['rss'] / 2**20:.0f} MiB", flush=True)
+                print(
+                    f"{size} run {rep + 1}: copy {t_copy[-1]:.2f} s, export {r['s']:.2f} s, "
+                    f"peak RSS {r['rss'] / 2**20:.0f} MiB",
+                    flush=True,
+                )
             tc, te = _common.median(t_copy), _common.median(t_exp)
-            rows.append(_common.row(
-                f"merged export `{args.mode}`, {size} Llama-shaped ({n / 1e6:.0f}M params, bf16 in, fp16 out), "
-                f"{args.shard_mb} MiB shards", f"peak RSS {max(rss) / 2**20:.0f} MiB", f"export {te:.1f} s",
-                f"plain copy {tc:.2f} s", f"**{tc / te:.3f}x** copy throughput",
-                f"median of {args.repeats}, A B A B", f"`{_common.command()}`", _common.machine(), _common.today()))
+            rows.append(
+                _common.row(
+                    f"merged export `{args.mode}`, {size} Llama-shaped ({n / 1e6:.0f}M params, bf16 in, fp16 out), "
+                    f"{args.shard_mb} MiB shards",
+                    f"peak RSS {max(rss) / 2**20:.0f} MiB",
+                    f"export {te:.1f} s",
+                    f"plain copy {tc:.2f} s",
+                    f"**{tc / te:.3f}x** copy throughput",
+                    f"median of {args.repeats}, A B A B",
+                    f"`{_common.command()}`",
+                    _common.machine(),
+                    _common.today(),
+                )
+            )
             for p in (ckpt, adapter, out):
                 shutil.rmtree(p, ignore_errors=True)
     print("\n".join(rows))

@@ -29,12 +29,31 @@ from qolora.plan import GiB, Shape, components, parse_bytes  # noqa: E402
 from qolora.training.losses import chunked_ce_sum  # noqa: E402
 
 SHAPES = {
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256),
+    "7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+    ),
 }
 
 
@@ -58,8 +77,11 @@ def build_4bit(shape: dict, device: str, dtype: torch.dtype) -> nn.Module:
     for mod_name, mod in model.named_modules():
         for p_name, p in list(mod.named_parameters(recurse=False)):
             if p.is_meta:
-                init = torch.ones if "norm" in p_name or "norm" in mod_name else (
-                    lambda *s, **k: torch.randn(*s, **k, generator=g) * 0.02)
+                init = (
+                    torch.ones
+                    if "norm" in p_name or "norm" in mod_name
+                    else (lambda *s, **k: torch.randn(*s, **k, generator=g) * 0.02)
+                )
                 setattr(mod, p_name, nn.Parameter(init(*p.shape, device=device, dtype=dtype), requires_grad=False))
     model.model.rotary_emb = LlamaRotaryEmbedding(cfg).to(device)  # its buffers were built on meta
     model.config.use_cache = False
@@ -80,8 +102,11 @@ def reset(device: str) -> None:
 def train_steps(model: nn.Module, seq: int, steps: int, device: str, chunked: bool) -> tuple[int, float]:
     """Peak bytes and tokens/s of ``steps`` steps at batch 1 (first step excluded from speed)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = (__import__("bitsandbytes").optim.PagedAdamW8bit(params, lr=1e-4) if device == "cuda"
-           else torch.optim.AdamW(params, lr=1e-4))
+    opt = (
+        __import__("bitsandbytes").optim.PagedAdamW8bit(params, lr=1e-4)
+        if device == "cuda"
+        else torch.optim.AdamW(params, lr=1e-4)
+    )
     lm = model.base_model.model
     vocab = lm.config.vocab_size
     reset(device)
@@ -159,16 +184,28 @@ def main() -> None:
             del model, base
             reset(device)
         s = Shape.from_config(SHAPES[name] | {"tie_word_embeddings": False})
-        predicted = sum(components(s, args.seq, 1, args.rank).values()) - components(s, 1, 1, 1)[
-            "CUDA context and allocator overhead"]
+        predicted = (
+            sum(components(s, args.seq, 1, args.rank).values())
+            - components(s, 1, 1, 1)["CUDA context and allocator overhead"]
+        )
         q, p = results["qolora"], results["peft"]
-        print(f"{name}: qolora init {q[0]:.1f} s, peak {q[1] / GiB:.2f} GiB (plan {predicted / GiB:.2f}), "
-              f"{q[2]:.0f} tok/s, max seq {q[3]}; peft peak {p[1] / GiB:.2f} GiB, {p[2]:.0f} tok/s, max seq {p[3]}",
-              flush=True)
-        rows.append(_common.row(f"{name} 4-bit, r={args.rank}, seq {args.seq}, batch 1, {device}",
-                                f"peak {q[1] / GiB:.2f} GiB (plan {predicted / GiB:.2f})", f"{q[2]:.0f} tok/s",
-                                f"max seq {q[3]}", f"PEFT+QLoRA peak {p[1] / GiB:.2f} GiB, {p[2]:.0f} tok/s, max seq {p[3]}",
-                                f"`{_common.command()}`", _common.machine(), _common.today()))
+        print(
+            f"{name}: qolora init {q[0]:.1f} s, peak {q[1] / GiB:.2f} GiB (plan {predicted / GiB:.2f}), "
+            f"{q[2]:.0f} tok/s, max seq {q[3]}; peft peak {p[1] / GiB:.2f} GiB, {p[2]:.0f} tok/s, max seq {p[3]}",
+            flush=True,
+        )
+        rows.append(
+            _common.row(
+                f"{name} 4-bit, r={args.rank}, seq {args.seq}, batch 1, {device}",
+                f"peak {q[1] / GiB:.2f} GiB (plan {predicted / GiB:.2f})",
+                f"{q[2]:.0f} tok/s",
+                f"max seq {q[3]}",
+                f"PEFT+QLoRA peak {p[1] / GiB:.2f} GiB, {p[2]:.0f} tok/s, max seq {p[3]}",
+                f"`{_common.command()}`",
+                _common.machine(),
+                _common.today(),
+            )
+        )
     print("\n".join(rows))
 
 

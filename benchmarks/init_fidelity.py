@@ -72,9 +72,11 @@ def main() -> None:
         "plain QLoRA (4-bit, no adapter)": lambda: quant.load_quantized(args.model),
         "PEFT olora on the 4-bit base": lambda: get_peft_model(quant.load_quantized(args.model), cfg),
         "QOLoRA, dequantized source (fallback)": lambda: qolora.get_qolora_model(
-            quant.load_quantized(args.model), cfg, init_source="dequantized", progress=False),
+            quant.load_quantized(args.model), cfg, init_source="dequantized", progress=False
+        ),
         "QOLoRA, checkpoint source (default)": lambda: qolora.get_qolora_model(
-            quant.load_quantized(args.model), cfg, progress=False),
+            quant.load_quantized(args.model), cfg, progress=False
+        ),
     }
     results = {}
     for label, make in variants.items():
@@ -84,14 +86,29 @@ def main() -> None:
         lp = logprobs(model, batch)
         kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1)[mask].mean().item()
         results[label] = (sum(errs) / len(errs), kl, len(errs))
-        print(f"{label}: mean rel weight error {results[label][0]:.5f} over {len(errs)} layers, KL {kl:.5f}", flush=True)
+        print(
+            f"{label}: mean rel weight error {results[label][0]:.5f} over {len(errs)} layers, KL {kl:.5f}", flush=True
+        )
         del model
     q_err, q_kl, _ = results["plain QLoRA (4-bit, no adapter)"]
-    print("| init | mean rel weight error | vs plain QLoRA | logits KL vs fp32 (per token) | vs plain QLoRA | command | machine | date |")
+    print(
+        "| init | mean rel weight error | vs plain QLoRA | logits KL vs fp32 (per token) | vs plain QLoRA "
+        "| command | machine | date |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for label, (err, kl, _) in results.items():
-        print(_common.row(label, f"{err:.5f}", f"{err / q_err:.3f}x", f"{kl:.5f}", f"{kl / q_kl:.3f}x",
-                          f"`{_common.command()}`", _common.machine(), _common.today()))
+        print(
+            _common.row(
+                label,
+                f"{err:.5f}",
+                f"{err / q_err:.3f}x",
+                f"{kl:.5f}",
+                f"{kl / q_kl:.3f}x",
+                f"`{_common.command()}`",
+                _common.machine(),
+                _common.today(),
+            )
+        )
 
 
 if __name__ == "__main__":

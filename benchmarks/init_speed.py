@@ -68,13 +68,15 @@ def build(n_layers: int, weights: dict[str, torch.Tensor], quantized: bool) -> n
 
 
 def lora_config(r: int, init: str) -> LoraConfig:
-    return LoraConfig(r=r, lora_alpha=r, target_modules=list({n.split(".")[1] for n in SHAPES}),
-                      init_lora_weights=init)
+    return LoraConfig(r=r, lora_alpha=r, target_modules=list({n.split(".")[1] for n in SHAPES}), init_lora_weights=init)
 
 
 def factors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {n: (m.lora_B["default"].weight.detach(), m.lora_A["default"].weight.detach())
-            for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    return {
+        n: (m.lora_B["default"].weight.detach(), m.lora_A["default"].weight.detach())
+        for n, m in model.named_modules()
+        if hasattr(m, "lora_A") and "default" in m.lora_A
+    }
 
 
 def main() -> None:
@@ -86,8 +88,9 @@ def main() -> None:
     args = ap.parse_args()
     logging.getLogger("qolora").setLevel(logging.WARNING)
     torch.manual_seed(0)
-    weights = {f"layers.{i}.{n}.weight": torch.randn(o, k) * 0.02
-               for i in range(args.layers) for n, (o, k) in SHAPES.items()}
+    weights = {
+        f"layers.{i}.{n}.weight": torch.randn(o, k) * 0.02 for i in range(args.layers) for n, (o, k) in SHAPES.items()
+    }
     with tempfile.TemporaryDirectory() as ckpt:
         if args.quantized:
             save_file(weights, str(Path(ckpt) / "model.safetensors"))
@@ -99,8 +102,9 @@ def main() -> None:
             t_peft.append(time.perf_counter() - t0)
             m = build(args.layers, weights, args.quantized)
             t0 = time.perf_counter()
-            ours = qolora.get_qolora_model(m, lora_config(args.rank, "olora"), progress=False,
-                                           checkpoint=ckpt if args.quantized else None)
+            ours = qolora.get_qolora_model(
+                m, lora_config(args.rank, "olora"), progress=False, checkpoint=ckpt if args.quantized else None
+            )
             t_ours.append(time.perf_counter() - t0)
             print(f"run {rep + 1}: peft {t_peft[-1]:.2f} s, qolora {t_ours[-1]:.2f} s", flush=True)
         fp, fo = factors(peft_model), factors(ours)
@@ -112,12 +116,22 @@ def main() -> None:
         dA = max(float((fp[k][1] - fo[k][1]).abs().max()) for k in fp)
     tp, to = _common.median(t_peft), _common.median(t_ours)
     base = "4-bit NF4 (QOLoRA: checkpoint source)" if args.quantized else "fp32"
-    print(f"PEFT olora median {tp:.2f} s, QOLoRA median {to:.2f} s, speedup {tp / to:.1f}x; "
-          f"max |dB| {dB:.2e}, max |dA| {dA:.2e}; mean rel_err/qlora_err {report.mean_ratio():.3f}")
-    print(_common.row(f"OLoRA init, {args.layers}x Llama-2-7B decoder layer (7 matrices), r={args.rank}, {base}",
-                      f"PEFT {tp:.2f} s", f"QOLoRA {to:.2f} s", f"**{tp / to:.1f}x**",
-                      f"median of {args.repeats}, A B A B; max abs diff B {dB:.1e}, A {dA:.1e}",
-                      f"`{_common.command()}`", _common.machine(), _common.today()))
+    print(
+        f"PEFT olora median {tp:.2f} s, QOLoRA median {to:.2f} s, speedup {tp / to:.1f}x; "
+        f"max |dB| {dB:.2e}, max |dA| {dA:.2e}; mean rel_err/qlora_err {report.mean_ratio():.3f}"
+    )
+    print(
+        _common.row(
+            f"OLoRA init, {args.layers}x Llama-2-7B decoder layer (7 matrices), r={args.rank}, {base}",
+            f"PEFT {tp:.2f} s",
+            f"QOLoRA {to:.2f} s",
+            f"**{tp / to:.1f}x**",
+            f"median of {args.repeats}, A B A B; max abs diff B {dB:.1e}, A {dA:.1e}",
+            f"`{_common.command()}`",
+            _common.machine(),
+            _common.today(),
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-from qolora.config import load_config  # noqa: E402
 from qolora._io import save_figure_atomic, write_json_atomic  # noqa: E402
+from qolora.config import load_config  # noqa: E402
 from qolora.training.compare import ema  # noqa: E402
 from qolora.training.evaluate import evaluate  # noqa: E402
 from qolora.training.sweep import run_name, sweep  # noqa: E402
@@ -40,9 +40,17 @@ INITS = ["olora", "lora"]
 
 def config(ds: str, steps: int, eval_rows: int) -> Any:
     train, ev = DATASETS[ds]
-    return load_config("examples/demo.yaml", [
-        f"data.train={train}", f"data.eval={ev}", f"data.max_eval_rows={eval_rows}",
-        f"train.max_steps={steps}", "train.eval_steps=20", "train.save_steps=20"])
+    return load_config(
+        "examples/demo.yaml",
+        [
+            f"data.train={train}",
+            f"data.eval={ev}",
+            f"data.max_eval_rows={eval_rows}",
+            f"train.max_steps={steps}",
+            "train.eval_steps=20",
+            "train.save_steps=20",
+        ],
+    )
 
 
 def grid(args: argparse.Namespace) -> dict[str, Any]:
@@ -51,8 +59,15 @@ def grid(args: argparse.Namespace) -> dict[str, Any]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for r in args.ranks:
         out = RUNS / f"chatterbot-grid-r{r}"
-        s = sweep(config("chatterbot", args.steps, args.eval_rows), {f"{i}-r{r}": lrs[i] for i in INITS}, INITS, [r],
-                  [0], args.steps, out)
+        s = sweep(
+            config("chatterbot", args.steps, args.eval_rows),
+            {f"{i}-r{r}": lrs[i] for i in INITS},
+            INITS,
+            [r],
+            [0],
+            args.steps,
+            out,
+        )
         for ext in ("json", "png"):
             shutil.copy(out / f"sweep.{ext}", RESULTS / f"chatterbot-sweep-r{r}.{ext}")
     return s
@@ -61,7 +76,9 @@ def grid(args: argparse.Namespace) -> dict[str, Any]:
 def best_lrs(ranks: list[int]) -> dict[str, list[float]]:
     best = {}
     for r in ranks:
-        best.update({k: [b["lr"]] for k, b in json.loads((RESULTS / f"chatterbot-sweep-r{r}.json").read_text())["best"].items()})
+        best.update(
+            {k: [b["lr"]] for k, b in json.loads((RESULTS / f"chatterbot-sweep-r{r}.json").read_text())["best"].items()}
+        )
     return best
 
 
@@ -118,25 +135,35 @@ def report(args: argparse.Namespace) -> None:
             m["train_ema"] = ema([h["loss"] for h in m["history"]])
         out[ds] = {"base": base, "runs": runs, "best_lr": s["grid"]["lrs"]}
         for r in sorted({m["r"] for m in runs.values()}):
-            per = {i: sorted((m for m in runs.values() if m["init"] == i and m["r"] == r), key=lambda m: m["seed"])
-                   for i in INITS}
+            per = {
+                i: sorted((m for m in runs.values() if m["init"] == i and m["r"] == r), key=lambda m: m["seed"])
+                for i in INITS
+            }
             if len(per["olora"]) != len(per["lora"]) or not per["lora"]:
                 continue
             steps = []  # OLoRA's steps to LoRA's final train loss (EMA 0.8), same seed
             for o, lo in zip(per["olora"], per["lora"]):
                 target = lo["train_ema"][-1]
                 steps.append(next((h["step"] for h, v in zip(o["history"], o["train_ema"]) if v <= target), None))
-            cells = {i: {k: _mean_spread([m[k] for m in per[i]]) for k in ("final_eval_loss", "learn", "forget")}
-                     for i in INITS}
+            cells = {
+                i: {k: _mean_spread([m[k] for m in per[i]]) for k in ("final_eval_loss", "learn", "forget")}
+                for i in INITS
+            }
             lr = {i: per[i][0]["lr"] for i in INITS}
             n = len(per["lora"])
-            rows.append(_common.row(
-                f"{ds}, r={r}, {args.steps} steps x 8, {n} seeds", f"{lr['olora']:g} / {lr['lora']:g}",
-                f"{_mean_spread(steps)} / {args.steps}",
-                f"{cells['olora']['final_eval_loss']} / {cells['lora']['final_eval_loss']}",
-                f"{cells['olora']['learn']} / {cells['lora']['learn']}",
-                f"{cells['olora']['forget']} / {cells['lora']['forget']}",
-                f"`{_common.command()}`", _common.machine(), _common.today()))
+            rows.append(
+                _common.row(
+                    f"{ds}, r={r}, {args.steps} steps x 8, {n} seeds",
+                    f"{lr['olora']:g} / {lr['lora']:g}",
+                    f"{_mean_spread(steps)} / {args.steps}",
+                    f"{cells['olora']['final_eval_loss']} / {cells['lora']['final_eval_loss']}",
+                    f"{cells['olora']['learn']} / {cells['lora']['learn']}",
+                    f"{cells['olora']['forget']} / {cells['lora']['forget']}",
+                    f"`{_common.command()}`",
+                    _common.machine(),
+                    _common.today(),
+                )
+            )
         plot_seeds(ds, runs, RESULTS / f"{ds}-seeds.png")
     grid_runs: dict[str, Any] = {}  # learn and forget along the lr axis, seed 0: forget at matched learn
     for r in args.ranks:
@@ -154,8 +181,10 @@ def report(args: argparse.Namespace) -> None:
         out["chatterbot-grid"] = grid_runs
         plot_frontier(grid_runs, RESULTS / "chatterbot-learn-forget.png")
     write_json_atomic(RESULTS / "seeds.json", out)
-    print("| dataset, rank, seeds | lr (OLoRA / LoRA) | OLoRA's steps to LoRA's final train loss / steps "
-          "| final held-out loss (OLoRA / LoRA) | learn | forget | command | machine | date |")
+    print(
+        "| dataset, rank, seeds | lr (OLoRA / LoRA) | OLoRA's steps to LoRA's final train loss / steps "
+        "| final held-out loss (OLoRA / LoRA) | learn | forget | command | machine | date |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
@@ -172,8 +201,13 @@ def plot_seeds(ds: str, runs: dict[str, Any], path: Path) -> None:
         for init, color in zip(INITS, ("C0", "C1")):
             ms = [m for m in runs.values() if m["init"] == init and m["r"] == r]
             for j, m in enumerate(ms):
-                ax.plot([h["step"] for h in m["history"]], m["train_ema"], color=color, alpha=0.6,
-                        label=f"{init} lr {m['lr']:g} ({len(ms)} seeds)" if j == 0 else None)
+                ax.plot(
+                    [h["step"] for h in m["history"]],
+                    m["train_ema"],
+                    color=color,
+                    alpha=0.6,
+                    label=f"{init} lr {m['lr']:g} ({len(ms)} seeds)" if j == 0 else None,
+                )
         ax.set(title=f"{ds} r={r}: train loss (EMA 0.8), each seed", xlabel="step", ylabel="loss")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -188,12 +222,17 @@ def plot_frontier(runs: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for key in sorted({f"{m['init']}-r{m['r']}" for m in runs.values()}):
-        ms = sorted((m for m in runs.values() if f"{m['init']}-r{m['r']}" == key and "learn" in m), key=lambda m: m["lr"])
+        ms = sorted(
+            (m for m in runs.values() if f"{m['init']}-r{m['r']}" == key and "learn" in m), key=lambda m: m["lr"]
+        )
         ax.plot([m["learn"] for m in ms], [m["forget"] for m in ms], "o-", label=key)
         for m in ms:
             ax.annotate(f"{m['lr']:g}", (m["learn"], m["forget"]), fontsize=7)
-    ax.set(title="chatterbot sweep, seed 0: forget (pydoc) against learn, one point per lr",
-           xlabel="learn (base − tuned held-out loss)", ylabel="forget (tuned − base pydoc loss)")
+    ax.set(
+        title="chatterbot sweep, seed 0: forget (pydoc) against learn, one point per lr",
+        xlabel="learn (base − tuned held-out loss)",
+        ylabel="forget (tuned − base pydoc loss)",
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure_atomic(fig, path)

@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-from qolora.config import load_config  # noqa: E402
 from qolora._io import write_json_atomic  # noqa: E402
+from qolora.config import load_config  # noqa: E402
 from qolora.training.compare import compare, format_summary  # noqa: E402
 from qolora.training.evaluate import evaluate  # noqa: E402
 
@@ -48,10 +48,17 @@ def main() -> None:
     for ds in names:
         train, ev = DATASETS[ds]
         other = DATASETS[next(n for n in DATASETS if n != ds)][1]
-        cfg = load_config("examples/demo.yaml", [
-            f"data.train={train}", f"data.eval={ev}", f"data.max_eval_rows={args.eval_rows}",
-            f"train.max_steps={args.steps}", "train.eval_steps=10", "train.save_steps=20",
-        ])
+        cfg = load_config(
+            "examples/demo.yaml",
+            [
+                f"data.train={train}",
+                f"data.eval={ev}",
+                f"data.max_eval_rows={args.eval_rows}",
+                f"train.max_steps={args.steps}",
+                "train.eval_steps=10",
+                "train.save_steps=20",
+            ],
+        )
         out = Path("runs/seeds") / ds
         summary = compare(cfg, ["olora", "lora"], ranks, out)
         print(f"== {ds}\n{format_summary(summary)}", flush=True)
@@ -63,19 +70,32 @@ def main() -> None:
                 write_json_atomic(path, evaluate(out / run / "adapter", ev, other, max_rows=args.eval_rows))
             lf = json.loads(path.read_text())
             all_lf[f"{ds}/{run}"] = {k: lf[k] for k in ("learn", "forget")} | {
-                "base_target": lf["base_target"]["loss"], "tuned_target": lf["tuned_target"]["loss"],
-                "base_source": lf["base_source"]["loss"], "tuned_source": lf["tuned_source"]["loss"]}
+                "base_target": lf["base_target"]["loss"],
+                "tuned_target": lf["tuned_target"]["loss"],
+                "base_source": lf["base_source"]["loss"],
+                "tuned_source": lf["tuned_source"]["loss"],
+            }
         for r in ranks:
             o, lo = summary["runs"][f"olora-r{r}"], summary["runs"][f"lora-r{r}"]
             lfo, lfl = all_lf[f"{ds}/olora-r{r}"], all_lf[f"{ds}/lora-r{r}"]
-            rows.append(_common.row(
-                f"{ds}, r={r}, {args.steps} steps x 8", f"{o['steps_to_target']} / {lo['steps_to_target']}",
-                f"{o['final_eval_loss']:.3f} / {lo['final_eval_loss']:.3f}",
-                f"{lfo['learn']:+.3f} / {lfl['learn']:+.3f}", f"{lfo['forget']:+.3f} / {lfl['forget']:+.3f}",
-                f"target loss {summary['target_loss']:.3f}; eval on {args.eval_rows} rows",
-                f"`{_common.command()}`", _common.machine(), _common.today()))
+            rows.append(
+                _common.row(
+                    f"{ds}, r={r}, {args.steps} steps x 8",
+                    f"{o['steps_to_target']} / {lo['steps_to_target']}",
+                    f"{o['final_eval_loss']:.3f} / {lo['final_eval_loss']:.3f}",
+                    f"{lfo['learn']:+.3f} / {lfl['learn']:+.3f}",
+                    f"{lfo['forget']:+.3f} / {lfl['forget']:+.3f}",
+                    f"target loss {summary['target_loss']:.3f}; eval on {args.eval_rows} rows",
+                    f"`{_common.command()}`",
+                    _common.machine(),
+                    _common.today(),
+                )
+            )
     write_json_atomic(results / "learn_forget.json", all_lf)
-    print("| dataset, rank | steps to target (OLoRA / LoRA) | final eval loss | learn | forget | notes | command | machine | date |")
+    print(
+        "| dataset, rank | steps to target (OLoRA / LoRA) | final eval loss | learn | forget | notes "
+        "| command | machine | date |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 

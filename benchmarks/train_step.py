@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-WORKER = r'''
+WORKER = r"""
 import json, statistics, sys, time, torch
 from transformers import Trainer, TrainingArguments, TrainerCallback
 kind, model_dir, steps, batch, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
@@ -35,8 +35,9 @@ cfg = config_from_dict({"model": model_dir, "quant": {"compute_dtype": dtype},
                         "adapter": {"r": 16, "alpha": 16, "init": "olora" if kind == "qolora" else "lora"},
                         "data": {"train": "demo/data/train.jsonl", "eval": "demo/data/eval.jsonl", "max_length": 128,
                                  "max_train_rows": steps * batch, "max_eval_rows": 1},
-                        "train": {"output_dir": "/tmp/qolora-train-step-" + kind, "max_steps": steps, "batch_size": batch,
-                                  "optimizer": "adamw_torch", "chunked_ce": chunked, "save_steps": 10**6, "eval_steps": 10**6, "logging_steps": 10**6}})
+                        "train": {"output_dir": "/tmp/qolora-train-step-" + kind, "max_steps": steps,
+                                  "batch_size": batch, "optimizer": "adamw_torch", "chunked_ce": chunked,
+                                  "save_steps": 10**6, "eval_steps": 10**6, "logging_steps": 10**6}})
 tok = load_tokenizer(model_dir)
 train_ex, _, _ = prepare_data(cfg, tok)
 times = []
@@ -59,20 +60,24 @@ else:  # the PEFT + Trainer QLoRA recipe
     m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=True,
                                         gradient_checkpointing_kwargs={"use_reentrant": False})
     m = get_peft_model(m, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
-    args = TrainingArguments(output_dir="/tmp/qolora-train-step-peft", max_steps=steps, per_device_train_batch_size=batch,
-                             learning_rate=2e-4, optim="adamw_torch", gradient_checkpointing=True,
-                             gradient_checkpointing_kwargs={"use_reentrant": False}, use_cpu=True, report_to="none",
-                             save_strategy="no", remove_unused_columns=False, disable_tqdm=True, bf16=dtype == "bfloat16")
+    args = TrainingArguments(output_dir="/tmp/qolora-train-step-peft", max_steps=steps,
+                             per_device_train_batch_size=batch, learning_rate=2e-4, optim="adamw_torch",
+                             gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+                             use_cpu=True, report_to="none", save_strategy="no", remove_unused_columns=False,
+                             disable_tqdm=True, bf16=dtype == "bfloat16")
     trainer = Trainer(model=m, args=args, train_dataset=train_ex, data_collator=Collator(tok.pad_token_id))
 trainer.add_callback(Clock())
 trainer.train()
 print(json.dumps({"median_step_s": statistics.median(times[1:]), "steps": len(times)}))
-'''
+"""
 
 
 def run(kind: str, model: str, steps: int, batch: int, dtype: str, chunked: bool = True) -> float:
-    out = subprocess.run([sys.executable, "-c", WORKER, kind, model, str(steps), str(batch), dtype, str(int(chunked))],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", WORKER, kind, model, str(steps), str(batch), dtype, str(int(chunked))],
+        capture_output=True,
+        text=True,
+    )
     if out.returncode != 0:
         raise SystemExit(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])["median_step_s"]
@@ -92,16 +97,30 @@ def main() -> None:
     for rep in range(args.repeats):
         ours.append(run("qolora", args.model, args.steps, args.batch, "auto", not args.no_chunked_ce))
         base.append(run("peft", args.model, args.steps, args.batch, base_dtype))
-        print(f"run {rep + 1}: qolora {ours[-1]:.2f} s/step, PEFT+Trainer ({base_dtype}) {base[-1]:.2f} s/step", flush=True)
+        print(
+            f"run {rep + 1}: qolora {ours[-1]:.2f} s/step, PEFT+Trainer ({base_dtype}) {base[-1]:.2f} s/step",
+            flush=True,
+        )
     o, b = _common.median(ours), _common.median(base)
-    what = ("QOLoRA defaults (auto = fp32 on CPU) vs PEFT+Trainer QLoRA with bf16 compute" if args.bf16
-            else "QOLoRA vs PEFT+Trainer QLoRA, same settings (fp32 compute)")
+    what = (
+        "QOLoRA defaults (auto = fp32 on CPU) vs PEFT+Trainer QLoRA with bf16 compute"
+        if args.bf16
+        else "QOLoRA vs PEFT+Trainer QLoRA, same settings (fp32 compute)"
+    )
     if args.no_chunked_ce:
         what += ", QOLoRA without chunked CE"
-    print(_common.row(f"{what}; SmolLM2-135M 4-bit, r=16 all-linear, batch {args.batch}, max_len 128, grad ckpt",
-                      f"QOLoRA {o:.2f} s/step", f"baseline {b:.2f} s/step", f"**{b / o:.2f}x**",
-                      f"median step of {args.steps - 1} after warm-up, median of {args.repeats} runs, A B A B",
-                      f"`{_common.command()}`", _common.machine(), _common.today()))
+    print(
+        _common.row(
+            f"{what}; SmolLM2-135M 4-bit, r=16 all-linear, batch {args.batch}, max_len 128, grad ckpt",
+            f"QOLoRA {o:.2f} s/step",
+            f"baseline {b:.2f} s/step",
+            f"**{b / o:.2f}x**",
+            f"median step of {args.steps - 1} after warm-up, median of {args.repeats} runs, A B A B",
+            f"`{_common.command()}`",
+            _common.machine(),
+            _common.today(),
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -56,8 +57,10 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict:
     try:
         return load_file(str(p))
     except Exception as e:  # safetensors raises its own SafetensorError (not an OSError) on a bad file
-        raise ValueError(f"{p} is not a complete safetensors file ({str(e).splitlines()[0]}): the save was "
-                         "interrupted or the file is corrupt; save again or restore the file") from e
+        raise ValueError(
+            f"{p} is not a complete safetensors file ({str(e).splitlines()[0]}): the save was "
+            "interrupted or the file is corrupt; save again or restore the file"
+        ) from e
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

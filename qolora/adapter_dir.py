@@ -13,9 +13,10 @@ import importlib.metadata
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -82,13 +83,20 @@ class AdapterMeta:
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "adapter_name": self.adapter_name,
-            "base_model": {"name_or_path": self.base_model, "checkpoint": self.checkpoint,
-                           "fingerprint": self.fingerprint},
+            "base_model": {
+                "name_or_path": self.base_model,
+                "checkpoint": self.checkpoint,
+                "fingerprint": self.fingerprint,
+            },
             "quant": self.quant,
             "quantized_modules": self.quantized_modules,
             "dtype": self.dtype,
-            "init": {"method": self.init, "init_source": self.init_source, "layer_sources": self.layer_sources,
-                     "transposed": self.transposed},
+            "init": {
+                "method": self.init,
+                "init_source": self.init_source,
+                "layer_sources": self.layer_sources,
+                "transposed": self.transposed,
+            },
             "data": self.data,
             "versions": library_versions(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -109,8 +117,10 @@ class AdapterMeta:
             raise ValueError(f"{path}: field 'format' is {got!r}, expected {FORMAT!r}")
         version = d.get("format_version")
         if version not in READABLE_VERSIONS:
-            raise ValueError(f"{path}: format_version {version!r} is not supported (this QOLoRA reads "
-                             f"{', '.join(map(str, READABLE_VERSIONS))})")
+            raise ValueError(
+                f"{path}: format_version {version!r} is not supported (this QOLoRA reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))})"
+            )
         try:
             base, init = d["base_model"], d["init"]
             return cls(
@@ -187,7 +197,9 @@ class AdapterDir:
         """
         from . import quant
 
-        folder = Path(checkpoint) if checkpoint is not None else Path(self.meta.checkpoint) if self.meta.checkpoint else None
+        folder = (
+            Path(checkpoint) if checkpoint is not None else Path(self.meta.checkpoint) if self.meta.checkpoint else None
+        )
         if folder is None:
             if required:
                 raise FileNotFoundError(f"{self.meta_path} records no base checkpoint; pass checkpoint=")
@@ -250,8 +262,12 @@ def read_adapter_dir(adapter_dir: str | os.PathLike[str]) -> AdapterDir:
     return ad
 
 
-def write_adapter_dir(out: str | os.PathLike[str], save_peft: Callable[[Path], None], meta: AdapterMeta,
-                      factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Path:
+def write_adapter_dir(
+    out: str | os.PathLike[str],
+    save_peft: Callable[[Path], None],
+    meta: AdapterMeta,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> Path:
     """Write an adapter dir atomically: ``save_peft(tmp)`` writes PEFT's files, then the factors
     and ``qolora.json``. An interrupted write never leaves a dir that looks complete."""
     out = Path(out)

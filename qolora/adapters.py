@@ -21,6 +21,7 @@ from .report import InitReport
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class QoloraState:
     """What a QOLoRA PeftModel carries beside PEFT's own state (``model.qolora_states[name]``)."""
@@ -65,8 +66,11 @@ def _base_meta(model: nn.Module, init: str, init_source: str, checkpoint: Path |
     if settings is not None:
         settings["skip_modules"] = float_linears  # reload keeps exactly these unquantized
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    dtype = emb.weight.dtype if emb is not None else next(
-        (p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = (
+        emb.weight.dtype
+        if emb is not None
+        else next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    )
     return AdapterMeta(
         init=init,
         init_source=init_source,
@@ -103,15 +107,17 @@ def check_ranks(model: nn.Module, lora_config: Any) -> None:
     targeted = [(name, m) for name, m in model.named_modules() if check_target_module_exists(cfg, name)]
     if not targeted:
         t = lora_config.target_modules
-        raise ValueError(f"adapter.target_modules: {sorted(t) if isinstance(t, (set, list)) else t!r} "
-                         "matches no layer of the model")
+        raise ValueError(
+            f"adapter.target_modules: {sorted(t) if isinstance(t, (set, list)) else t!r} matches no layer of the model"
+        )
     shapes = [(min(shape), name, shape) for name, m in targeted if (shape := _layer_shape(m))]
     if not shapes:
         return  # embeddings only: iter_targets names them for OLoRA; PEFT checks its own
     if r > min(shapes)[0]:
         limit, name, shape = min(shapes)
-        raise ValueError(f"adapter.r: rank {r} exceeds min(out, in) = {limit} of {name} "
-                         f"({shape[0]}x{shape[1]}); choose r <= {limit}")
+        raise ValueError(
+            f"adapter.r: rank {r} exceeds min(out, in) = {limit} of {name} ({shape[0]}x{shape[1]}); choose r <= {limit}"
+        )
 
 
 def _check_base(model: nn.Module) -> None:
@@ -304,8 +310,15 @@ def load_adapter(
     peft_model = get_peft_model(base_model, cfg, adapter_name=name)
     if meta.init == "olora":
         try:
-            restore_olora_(peft_model, name, ad.initial, meta.layer_sources, str(folder) if folder else None,
-                           progress, str(ad.dir / FACTORS_FILE))
+            restore_olora_(
+                peft_model,
+                name,
+                ad.initial,
+                meta.layer_sources,
+                str(folder) if folder else None,
+                progress,
+                str(ad.dir / FACTORS_FILE),
+            )
         except KeyError as e:
             raise ValueError(f"{meta_path}: no recorded init source for layer {e}") from e
     _load_weights(peft_model, ad, name)

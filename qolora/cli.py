@@ -1,4 +1,5 @@
-"""The ``qolora`` command: ``init``, ``train``, ``export``, ``eval``, ``compare``, ``sweep``, ``plan``, ``prepare-demo``."""
+"""The ``qolora`` command: ``init``, ``train``, ``export``, ``eval``, ``compare``, ``sweep``, ``plan``,
+``prepare-demo``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import logging
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import __version__
 from .choices import INIT_SOURCES, INITS, OPTIMIZERS
@@ -52,13 +53,26 @@ def _export(args: argparse.Namespace) -> int:
     from .export import export_lora, export_merged
 
     if args.kind == "merged":
-        result = export_merged(args.adapter_dir, args.out_dir, mode=args.mode, dtype=args.dtype,
-                               overwrite=args.overwrite, checkpoint=args.checkpoint,
-                               max_shard_bytes=int(args.max_shard_gb * 2**30))
+        result = export_merged(
+            args.adapter_dir,
+            args.out_dir,
+            mode=args.mode,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            checkpoint=args.checkpoint,
+            max_shard_bytes=int(args.max_shard_gb * 2**30),
+        )
         print(result)
     else:
-        print(export_lora(args.adapter_dir, args.out_dir, overwrite=args.overwrite, checkpoint=args.checkpoint,
-                          measure_gap=args.gap))
+        print(
+            export_lora(
+                args.adapter_dir,
+                args.out_dir,
+                overwrite=args.overwrite,
+                checkpoint=args.checkpoint,
+                measure_gap=args.gap,
+            )
+        )
     return 0
 
 
@@ -98,10 +112,15 @@ def _sweep(args: argparse.Namespace) -> int:
     from .training.sweep import format_summary, parse_list, sweep
 
     cfg = load_config(args.config, args.overrides)
-    summary = sweep(cfg, parse_list(args.lrs, float, "--lrs"),
-                    args.inits.split(",") if args.inits else None,
-                    parse_list(args.ranks, int, "--ranks") if args.ranks else None,
-                    parse_list(args.seeds, int, "--seeds") if args.seeds else None, args.steps, args.out)
+    summary = sweep(
+        cfg,
+        parse_list(args.lrs, float, "--lrs"),
+        args.inits.split(",") if args.inits else None,
+        parse_list(args.ranks, int, "--ranks") if args.ranks else None,
+        parse_list(args.seeds, int, "--seeds") if args.seeds else None,
+        args.steps,
+        args.out,
+    )
     print(format_summary(summary, cfg))
     print(f"wrote {args.out}/sweep.json and {args.out}/sweep.png")
     return 0
@@ -112,9 +131,17 @@ def _plan(args: argparse.Namespace) -> int:
 
     from .plan import plan
 
-    p = plan(args.model, args.seq_len, args.batch_size, args.rank, args.gpu_memory, optimizer=args.optimizer,
-             gradient_checkpointing=not args.no_gradient_checkpointing, chunked_ce=not args.no_chunked_ce,
-             offload=args.offload_activations)
+    p = plan(
+        args.model,
+        args.seq_len,
+        args.batch_size,
+        args.rank,
+        args.gpu_memory,
+        optimizer=args.optimizer,
+        gradient_checkpointing=not args.no_gradient_checkpointing,
+        chunked_ce=not args.no_chunked_ce,
+        offload=args.offload_activations,
+    )
     print(json.dumps(p.to_json()) if args.json else p)
     return 0
 
@@ -193,8 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch-size", type=int, default=1)
     pl.add_argument("--rank", type=int, default=16)
     pl.add_argument("--gpu-memory", default="24GiB")
-    pl.add_argument("--optimizer", default="paged_adamw_8bit",
-                    choices=OPTIMIZERS)
+    pl.add_argument("--optimizer", default="paged_adamw_8bit", choices=OPTIMIZERS)
     pl.add_argument("--no-gradient-checkpointing", action="store_true")
     pl.add_argument("--no-chunked-ce", action="store_true")
     pl.add_argument("--offload-activations", action="store_true")

@@ -32,7 +32,9 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if self.compute_dtype not in ("auto", *DTYPE_NAMES):
-            raise ConfigError(f"quant.compute_dtype: expected auto, float32, bfloat16 or float16, got {self.compute_dtype!r}")
+            raise ConfigError(
+                f"quant.compute_dtype: expected auto, float32, bfloat16 or float16, got {self.compute_dtype!r}"
+            )
 
 
 @dataclass
@@ -41,7 +43,7 @@ class AdapterConfig:
     r: int = 16
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: Union[str, list[str]] = "all-linear"
+    target_modules: str | list[str] = "all-linear"
     init_source: Literal[INIT_SOURCES] = "auto"
 
     def __post_init__(self) -> None:
@@ -83,7 +85,7 @@ class TrainConfig:
     epochs: float = 1.0
     batch_size: int = 4
     grad_accum: int = 1
-    lr: Union[float, Literal["auto"]] = "auto"  # auto: per adapter init and rank (training/lr.py)
+    lr: float | Literal["auto"] = "auto"  # auto: per adapter init and rank (training/lr.py)
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     optimizer: Literal[TRAIN_OPTIMIZERS] = "auto"
@@ -99,8 +101,15 @@ class TrainConfig:
     kernel_check: bool = True  # compare a 4-bit layer with its fp32 twin on this device before step 1
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "save_steps", "eval_steps", "logging_steps", "save_total_limit",
-                     "ce_chunk"):
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "save_steps",
+            "eval_steps",
+            "logging_steps",
+            "save_total_limit",
+            "ce_chunk",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
         if self.lr != "auto" and self.lr <= 0:
@@ -177,7 +186,9 @@ def _build(cls: type, data: Any, where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{where + '.' if where else ''}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+        raise ConfigError(
+            f"{where + '.' if where else ''}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})"
+        )
     kwargs = {}
     for name, value in data.items():
         key = f"{where}.{name}" if where else name

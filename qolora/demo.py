@@ -87,11 +87,50 @@ def corpus_pairs(corpus_dir: Path) -> list[dict[str, str]]:
 
 # A second, different offline dataset: Python standard-library docstrings (prompt: what does X do?).
 STDLIB_MODULES = (
-    "argparse", "base64", "bisect", "collections", "copy", "csv", "datetime", "difflib", "fnmatch", "functools",
-    "glob", "gzip", "hashlib", "heapq", "html", "inspect", "io", "itertools", "json", "logging", "math", "operator",
-    "os", "os.path", "pathlib", "pprint", "random", "re", "shlex", "shutil", "statistics", "string", "subprocess",
-    "tarfile", "tempfile", "textwrap", "threading", "time", "typing", "unicodedata", "urllib.parse", "uuid",
-    "zipfile", "zlib",
+    "argparse",
+    "base64",
+    "bisect",
+    "collections",
+    "copy",
+    "csv",
+    "datetime",
+    "difflib",
+    "fnmatch",
+    "functools",
+    "glob",
+    "gzip",
+    "hashlib",
+    "heapq",
+    "html",
+    "inspect",
+    "io",
+    "itertools",
+    "json",
+    "logging",
+    "math",
+    "operator",
+    "os",
+    "os.path",
+    "pathlib",
+    "pprint",
+    "random",
+    "re",
+    "shlex",
+    "shutil",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "time",
+    "typing",
+    "unicodedata",
+    "urllib.parse",
+    "uuid",
+    "zipfile",
+    "zlib",
 )
 
 
@@ -143,5 +182,10 @@ def prepare_demo(out: str | Path = "demo", eval_fraction: float = 0.1, seed: int
     write_jsonl(docs[n_docs_eval:], out / "data" / "pydoc_train.jsonl")
     write_jsonl(docs[:n_docs_eval], out / "data" / "pydoc_eval.jsonl")
     logger.info("second dataset: %d train and %d eval stdlib docstring pairs", len(docs) - n_docs_eval, n_docs_eval)
-    return {"model": model_dir, "train": out / "data" / "train.jsonl", "eval": out / "data" / "eval.jsonl",
-            "pydoc_train": out / "data" / "pydoc_train.jsonl", "pydoc_eval": out / "data" / "pydoc_eval.jsonl"}
+    return {
+        "model": model_dir,
+        "train": out / "data" / "train.jsonl",
+        "eval": out / "data" / "eval.jsonl",
+        "pydoc_train": out / "data" / "pydoc_train.jsonl",
+        "pydoc_eval": out / "data" / "pydoc_eval.jsonl",
+    }

@@ -9,17 +9,18 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import quant
-from .olora import check_rank, olora_factors, subtract_lowrank_
 from .choices import INIT_SOURCES
+from .olora import check_rank, olora_factors, subtract_lowrank_
 from .report import InitReport, LayerReport
 
 logger = logging.getLogger(__name__)
@@ -279,8 +280,10 @@ def restore_olora_(
     names = {t.name for t in targets}
     lost, unknown = sorted(names - set(factors)), sorted(set(factors) - names)
     if lost:
-        raise ValueError(f"{origin}: no initial factors for {len(lost)} adapter layers (first: {lost[0]}); "
-                         "the file is incomplete: restore it from the run folder")
+        raise ValueError(
+            f"{origin}: no initial factors for {len(lost)} adapter layers (first: {lost[0]}); "
+            "the file is incomplete: restore it from the run folder"
+        )
     if unknown:
         raise ValueError(f"{origin}: factors for layers the model does not have: {unknown[:3]}")
     for t in tqdm(targets, desc="OLoRA restore", unit="layer", disable=not progress):

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-GiB = 1 << 30
 from .choices import OPTIMIZERS
+
+GiB = 1 << 30
+
 MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit states for tensors smaller than this
 
 
@@ -25,6 +27,8 @@ def optimizer_state_bytes(numel: int, optimizer: str) -> int:
     if optimizer == "paged_adamw_8bit" and numel >= MIN_8BIT_SIZE:
         return 2 * numel + 2 * 4 * math.ceil(numel / 256)
     return 8 * numel
+
+
 CUDA_OVERHEAD = int(0.75 * GiB)  # CUDA context, cuBLAS workspaces and allocator slack
 
 
@@ -42,12 +46,19 @@ class Shape:
     tied: bool
 
     @classmethod
-    def from_config(cls, c: dict[str, Any]) -> "Shape":
+    def from_config(cls, c: dict[str, Any]) -> Shape:
         try:
             h, heads = int(c["hidden_size"]), int(c["num_attention_heads"])
-            return cls(hidden=h, intermediate=int(c["intermediate_size"]), layers=int(c["num_hidden_layers"]),
-                       vocab=int(c["vocab_size"]), heads=heads, kv_heads=int(c.get("num_key_value_heads") or heads),
-                       head_dim=int(c.get("head_dim") or h // heads), tied=bool(c.get("tie_word_embeddings", False)))
+            return cls(
+                hidden=h,
+                intermediate=int(c["intermediate_size"]),
+                layers=int(c["num_hidden_layers"]),
+                vocab=int(c["vocab_size"]),
+                heads=heads,
+                kv_heads=int(c.get("num_key_value_heads") or heads),
+                head_dim=int(c.get("head_dim") or h // heads),
+                tied=bool(c.get("tie_word_embeddings", False)),
+            )
         except KeyError as e:
             raise ValueError(f"config.json: missing field {e}; plan supports Llama-style decoder configs") from e
 
@@ -75,20 +86,38 @@ class Plan:
     max_seq_len: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"components": self.components, "total_bytes": self.total_bytes, "fits": self.fits,
-                "max_seq_len": self.max_seq_len}
+        return {
+            "components": self.components,
+            "total_bytes": self.total_bytes,
+            "fits": self.fits,
+            "max_seq_len": self.max_seq_len,
+        }
 
     def __str__(self) -> str:
         w = max(len(k) for k in self.components)
         lines = [f"{k:<{w}}  {v / GiB:>8.3f} GiB" for k, v in self.components.items()]
-        lines += ["-" * (w + 14), f"{'total':<{w}}  {self.total_bytes / GiB:>8.3f} GiB of {self.gpu_bytes / GiB:.1f} GiB",
-                  f"{'fits' if self.fits else 'DOES NOT FIT'}; largest seq-len that fits: {self.max_seq_len}"]
+        lines += [
+            "-" * (w + 14),
+            f"{'total':<{w}}  {self.total_bytes / GiB:>8.3f} GiB of {self.gpu_bytes / GiB:.1f} GiB",
+            f"{'fits' if self.fits else 'DOES NOT FIT'}; largest seq-len that fits: {self.max_seq_len}",
+        ]
         return "\n".join(lines)
 
 
-def components(s: Shape, seq_len: int, batch: int, rank: int, *, optimizer: str = "paged_adamw_8bit",
-               dtype_bytes: int = 2, gradient_checkpointing: bool = True, chunked_ce: bool = True,
-               ce_chunk: int = 1024, offload: bool = False, double_quant: bool = True) -> dict[str, int]:
+def components(
+    s: Shape,
+    seq_len: int,
+    batch: int,
+    rank: int,
+    *,
+    optimizer: str = "paged_adamw_8bit",
+    dtype_bytes: int = 2,
+    gradient_checkpointing: bool = True,
+    chunked_ce: bool = True,
+    ce_chunk: int = 1024,
+    offload: bool = False,
+    double_quant: bool = True,
+) -> dict[str, int]:
     """Bytes per component for one training step (all linear layers of every decoder layer targeted)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {optimizer!r}")
@@ -118,9 +147,10 @@ def components(s: Shape, seq_len: int, batch: int, rank: int, *, optimizer: str 
         "unquantized params (embeddings, norms, lm_head)": (embed + norms) * dtype_bytes,
         "adapters (fp32)": adapter_params * 4,
         "adapter gradients (fp32)": adapter_params * 4,
-        f"optimizer states ({optimizer})": s.layers * sum(
-            optimizer_state_bytes(rank * i, optimizer) + optimizer_state_bytes(o * rank, optimizer) for o, i in lin),
-        "activations" + (" (checkpointed" + (", offloaded)" if offload else ")") if gradient_checkpointing else ""): acts,
+        f"optimizer states ({optimizer})": s.layers
+        * sum(optimizer_state_bytes(rank * i, optimizer) + optimizer_state_bytes(o * rank, optimizer) for o, i in lin),
+        "activations"
+        + (" (checkpointed" + (", offloaded)" if offload else ")") if gradient_checkpointing else ""): acts,
         "logits and loss" + (f" (chunked CE, {ce_chunk} rows)" if chunked_ce else ""): logits,
         "CUDA context and allocator overhead": CUDA_OVERHEAD,
     }
@@ -135,15 +165,18 @@ def read_config(model: str | os.PathLike[str]) -> dict[str, Any]:
 
             cfg = Path(hf_hub_download(str(model), "config.json", local_files_only=True))
         except Exception as e:
-            raise FileNotFoundError(f"{model}: no config.json (a local folder, a config.json or a cached hub id)") from e
+            raise FileNotFoundError(
+                f"{model}: no config.json (a local folder, a config.json or a cached hub id)"
+            ) from e
     try:
         return json.loads(cfg.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg}: not valid JSON ({e})") from e
 
 
-def plan(model: str | os.PathLike[str], seq_len: int, batch: int, rank: int, gpu_memory: str | int = "24GiB",
-         **kw: Any) -> Plan:
+def plan(
+    model: str | os.PathLike[str], seq_len: int, batch: int, rank: int, gpu_memory: str | int = "24GiB", **kw: Any
+) -> Plan:
     """The memory plan for training ``model`` at (seq_len, batch, rank) on one GPU."""
     for name, v in (("seq-len", seq_len), ("batch-size", batch), ("rank", rank)):
         if v < 1:

@@ -49,9 +49,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def resolve_compute_dtype(
-    name: str | torch.dtype = "auto", device: str | torch.device | None = None
-) -> ResolvedDtype:
+def resolve_compute_dtype(name: str | torch.dtype = "auto", device: str | torch.device | None = None) -> ResolvedDtype:
     """Resolve a compute dtype; "auto" is bf16 on CUDA with bf16, fp16 on older CUDA, fp32 on CPU.
 
     Args:

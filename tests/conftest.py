@@ -99,8 +99,14 @@ def make_tokenizer(chat: bool = True):
     vocab = {t: i for i, t in enumerate(specials + WORDS + list("?!.,:#\n"))}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
     if chat:
         tok.chat_template = CHAT_TEMPLATE
     return tok
@@ -113,9 +119,18 @@ def chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     d = tmp_path_factory.mktemp("chat_model")
     tok = make_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(4321)
     LlamaForCausalLM(cfg).save_pretrained(d)
     tok.save_pretrained(d)
@@ -124,26 +139,37 @@ def chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny_data(tmp_path, n: int = 24) -> str:
     words = ["hello", "hi", "good", "fine", "thanks", "yes", "no", "python", "code", "model"]
-    rows = [{"prompt": f"what is {words[i % 10]}", "completion": f"{words[(i * 3) % 10]} {words[(i * 7) % 10]}"}
-            for i in range(n)]
+    rows = [
+        {"prompt": f"what is {words[i % 10]}", "completion": f"{words[(i * 3) % 10]} {words[(i * 7) % 10]}"}
+        for i in range(n)
+    ]
     p = tmp_path / "train.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(p)
 
 
 def tiny_train_config(model_dir, tmp_path, **train_kw):
-    train_cfg = {"output_dir": str(tmp_path / "run"), "max_steps": 6, "batch_size": 2, "lr": 1e-2,
-                 "save_steps": 2, "eval_steps": 3, "logging_steps": 1, "save_total_limit": 5, **train_kw}
+    train_cfg = {
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": 6,
+        "batch_size": 2,
+        "lr": 1e-2,
+        "save_steps": 2,
+        "eval_steps": 3,
+        "logging_steps": 1,
+        "save_total_limit": 5,
+        **train_kw,
+    }
     from qolora.config import config_from_dict
 
-    return config_from_dict({
-        "model": str(model_dir),
-        "adapter": {"r": 4, "alpha": 4},
-        "data": {"train": tiny_data(tmp_path), "max_length": 32, "eval_fraction": 0.2},
-        "train": train_cfg,
-    })
-
-
+    return config_from_dict(
+        {
+            "model": str(model_dir),
+            "adapter": {"r": 4, "alpha": 4},
+            "data": {"train": tiny_data(tmp_path), "max_length": 32, "eval_fraction": 0.2},
+            "train": train_cfg,
+        }
+    )
 
 
 def add_trainer_callback(monkeypatch, callback) -> None:

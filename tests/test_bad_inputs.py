@@ -10,8 +10,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import yaml
@@ -30,8 +30,9 @@ def adapter_src(tmp_path_factory: pytest.TempPathFactory, chat_model_dir: Path) 
     root = tmp_path_factory.mktemp("bad_inputs")
     shutil.copytree(chat_model_dir, root / "base")
     cfg = LoraConfig(r=4, lora_alpha=4, target_modules="all-linear", init_lora_weights="olora")
-    qolora.save_adapter(qolora.get_qolora_model(quant.load_quantized(root / "base"), cfg, progress=False),
-                        root / "adapter")
+    qolora.save_adapter(
+        qolora.get_qolora_model(quant.load_quantized(root / "base"), cfg, progress=False), root / "adapter"
+    )
     return root
 
 
@@ -46,10 +47,22 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, chat_model_dir: Path)
 
 def _config(model: Path | str, root: Path, **sections: dict) -> Path:
     data = {"train": tiny_data(root), "max_length": 32, "eval_fraction": 0.2, **sections.pop("data", {})}
-    train = {"output_dir": str(root / "run"), "max_steps": 2, "batch_size": 2, "save_steps": 2, "eval_steps": 2,
-             "logging_steps": 1, **sections.pop("train", {})}
-    cfg = {"model": str(model), "adapter": {"r": 4, "alpha": 4, **sections.pop("adapter", {})}, "data": data,
-           "train": train, **sections}
+    train = {
+        "output_dir": str(root / "run"),
+        "max_steps": 2,
+        "batch_size": 2,
+        "save_steps": 2,
+        "eval_steps": 2,
+        "logging_steps": 1,
+        **sections.pop("train", {}),
+    }
+    cfg = {
+        "model": str(model),
+        "adapter": {"r": 4, "alpha": 4, **sections.pop("adapter", {})},
+        "data": data,
+        "train": train,
+        **sections,
+    }
     path = root / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -159,10 +172,16 @@ CASES: list[Case] = [
     ("unknown override", lambda r, c, *_: _train(r, c) + ["train.speed=3"], "train.speed: unknown key"),
     ("bad lr", lambda r, c, *_: _train(r, c, train={"lr": -1.0}), "train.lr: must be > 0"),
     ("unknown init", lambda r, c, *_: _train(r, c, adapter={"init": "pissa"}), "adapter.init: expected one of"),
-    ("unknown target", lambda r, c, *_: _train(r, c, adapter={"target_modules": ["qkv"]}),
-     "adapter.target_modules: ['qkv'] matches no layer"),
-    ("rank too large", lambda r, c, *_: _train(r, c, adapter={"r": 100000}),
-     "adapter.r: rank 100000 exceeds min(out, in) = 32 of model.layers.0.self_attn.k_proj"),
+    (
+        "unknown target",
+        lambda r, c, *_: _train(r, c, adapter={"target_modules": ["qkv"]}),
+        "adapter.target_modules: ['qkv'] matches no layer",
+    ),
+    (
+        "rank too large",
+        lambda r, c, *_: _train(r, c, adapter={"r": 100000}),
+        "adapter.r: rank 100000 exceeds min(out, in) = 32 of model.layers.0.self_attn.k_proj",
+    ),
     ("folder without config.json", _no_config_json, "not_a_model holds no config.json"),
     ("hub id not cached", _hub_id_offline, "'someone/uncached-model-7b' is not a local folder and not in the local"),
     ("eval file without a trainable token", _no_trainable_eval, "eval.jsonl: no example has a target token left"),
@@ -171,18 +190,25 @@ CASES: list[Case] = [
     ("existing run without --resume", _no_resume, "already has checkpoint-2; pass --resume"),
     ("empty adapter weights", _empty_weights, "adapter_model.safetensors is empty"),
     ("truncated adapter weights", _truncated_weights, "adapter_model.safetensors is not a complete safetensors file"),
-    ("initial factors missing a layer", _factors_missing_layer,
-     "initial_factors.safetensors: no initial factors for 1 adapter layers (first: model.layers.1.mlp.down_proj)"),
-    ("initial factors missing a layer (load)", _factors_missing_layer_on_load,
-     "initial_factors.safetensors: no initial factors for 1 adapter layers (first: model.layers.1.mlp.down_proj)"),
+    (
+        "initial factors missing a layer",
+        _factors_missing_layer,
+        "initial_factors.safetensors: no initial factors for 1 adapter layers (first: model.layers.1.mlp.down_proj)",
+    ),
+    (
+        "initial factors missing a layer (load)",
+        _factors_missing_layer_on_load,
+        "initial_factors.safetensors: no initial factors for 1 adapter layers (first: model.layers.1.mlp.down_proj)",
+    ),
     ("base changed since init", _base_changed, "base checkpoint does not match"),
     ("adapter dir missing", lambda r, *_: ["export", "lora", str(r / "nope"), str(r / "out")], "nope does not exist"),
 ]
 
 
 @pytest.mark.parametrize("build,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_exit_2(build, message, tmp_path, chat_model_dir, adapter_src, finished_run,
-                                      capsys, monkeypatch) -> None:
+def test_bad_input_is_one_line_exit_2(
+    build, message, tmp_path, chat_model_dir, adapter_src, finished_run, capsys, monkeypatch
+) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
     argv = build(tmp_path, chat_model_dir, adapter_src, finished_run)
@@ -199,9 +225,12 @@ def test_real_process_stderr(tmp_path, chat_model_dir) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hf_cache")}
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    for argv, message in ((_train(tmp_path / "a", chat_model_dir, adapter={"r": 100000}), "adapter.r: rank 100000"),
-                          (_hub_id_offline(tmp_path / "b", chat_model_dir), "not in the local Hugging Face cache")):
-        p = subprocess.run([sys.executable, "-m", "qolora.cli", *argv], capture_output=True, text=True, env=env,
-                           timeout=300)
+    for argv, message in (
+        (_train(tmp_path / "a", chat_model_dir, adapter={"r": 100000}), "adapter.r: rank 100000"),
+        (_hub_id_offline(tmp_path / "b", chat_model_dir), "not in the local Hugging Face cache"),
+    ):
+        p = subprocess.run(
+            [sys.executable, "-m", "qolora.cli", *argv], capture_output=True, text=True, env=env, timeout=300
+        )
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and message in p.stderr, p.stderr
         assert p.stderr.startswith("qolora train: error: ")

@@ -40,9 +40,17 @@ def odd_llama_dir(tmp_path_factory: pytest.TempPathFactory):
 
     d = tmp_path_factory.mktemp("odd_llama")
     torch.manual_seed(5)
-    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=1376, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2,
-                                 max_position_embeddings=64)).save_pretrained(d)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=1376,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(d)
     return d
 
 
@@ -70,10 +78,13 @@ def test_a_cpu_unsupported_4bit_layer_is_refused_by_name(odd_llama_dir) -> None:
 def test_an_8bit_base_is_refused(llama_dir) -> None:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    base = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
-                                                device_map={"": "cpu"})
+    base = AutoModelForCausalLM.from_pretrained(
+        llama_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": "cpu"}
+    )
     assert any(quant.is_8bit(m) for m in base.modules())
-    with pytest.raises(ValueError, match=r"14 layers are bitsandbytes 8-bit \(first: model.layers.0.self_attn.q_proj\)"):
+    with pytest.raises(
+        ValueError, match=r"14 layers are bitsandbytes 8-bit \(first: model.layers.0.self_attn.q_proj\)"
+    ):
         qolora.get_qolora_model(base, _cfg(), progress=False)
     assert not any("lora_A" in n for n, _ in base.named_modules())  # refused before PEFT touched it
 
@@ -108,6 +119,9 @@ def test_a_second_plain_lora_adapter_on_a_lora_model_saves(llama_dir, tmp_path, 
 
 def test_rank_above_a_target_shape_is_refused_before_peft_allocates(llama_dir) -> None:
     base = quant.load_quantized(llama_dir)
-    with pytest.raises(ValueError, match=r"adapter.r: rank 100000 exceeds min\(out, in\) = 32 of "
-                                         r"model.layers.0.self_attn.k_proj"):
+    with pytest.raises(
+        ValueError,
+        match=r"adapter.r: rank 100000 exceeds min\(out, in\) = 32 of "
+        r"model.layers.0.self_attn.k_proj",
+    ):
         qolora.get_qolora_model(base, _cfg(r=100000), progress=False)

@@ -21,16 +21,19 @@ def test_defaults_and_overrides(tmp_path) -> None:
     assert again == cfg and again.version == 1
 
 
-@pytest.mark.parametrize("override,msg", [
-    ("train.lrr=1", "train.lrr: unknown key"),
-    ("train.lr=fast", "train.lr: expected float"),
-    ("train.batch_size=0", "train.batch_size: must be >= 1"),
-    ("adapter.init=pissa", "adapter.init: expected one of"),
-    ("quant.compute_dtype=float8", "quant.compute_dtype"),
-    ("adapter.r=true", "adapter.r: expected int"),
-    ("bogus=1", "bogus: unknown key"),
-    ("train.lr", "expected key=value"),
-])
+@pytest.mark.parametrize(
+    "override,msg",
+    [
+        ("train.lrr=1", "train.lrr: unknown key"),
+        ("train.lr=fast", "train.lr: expected float"),
+        ("train.batch_size=0", "train.batch_size: must be >= 1"),
+        ("adapter.init=pissa", "adapter.init: expected one of"),
+        ("quant.compute_dtype=float8", "quant.compute_dtype"),
+        ("adapter.r=true", "adapter.r: expected int"),
+        ("bogus=1", "bogus: unknown key"),
+        ("train.lr", "expected key=value"),
+    ],
+)
 def test_bad_values_name_the_field(override: str, msg: str) -> None:
     with pytest.raises(ConfigError, match=msg):
         config_from_dict(BASE, [override])

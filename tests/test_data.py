@@ -20,8 +20,16 @@ def _jsonl(path, rows) -> str:
 
 ROWS = {
     "alpaca": [{"instruction": "what is python", "input": "", "output": "code"}],
-    "chat": [{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi you"},
-                           {"role": "user", "content": "who are you"}, {"role": "assistant", "content": "a model"}]}],
+    "chat": [
+        {
+            "messages": [
+                {"role": "user", "content": "hello"},
+                {"role": "assistant", "content": "hi you"},
+                {"role": "user", "content": "who are you"},
+                {"role": "assistant", "content": "a model"},
+            ]
+        }
+    ],
     "prompt_completion": [{"prompt": "how are you", "completion": "good thanks"}],
     "text": [{"text": "the model is good"}],
 }
@@ -52,12 +60,15 @@ def test_other_file_types(tmp_path) -> None:
     assert load_rows(tmp_path / "saved").format == "chat"
 
 
-@pytest.mark.parametrize("row,msg", [
-    ({"prompt": "how are you"}, "row 2: field 'completion' is missing"),
-    ({"prompt": "how", "completion": 5}, "row 2: field 'completion' must be a string, got int"),
-    ({"prompt": "how", "completion": "   "}, "row 2: field 'completion' is empty"),
-    ("just a string", "row 2: row must be an object"),
-])
+@pytest.mark.parametrize(
+    "row,msg",
+    [
+        ({"prompt": "how are you"}, "row 2: field 'completion' is missing"),
+        ({"prompt": "how", "completion": 5}, "row 2: field 'completion' must be a string, got int"),
+        ({"prompt": "how", "completion": "   "}, "row 2: field 'completion' is empty"),
+        ("just a string", "row 2: row must be an object"),
+    ],
+)
 def test_bad_rows_name_file_row_and_field(tmp_path, row, msg) -> None:
     path = _jsonl(tmp_path / "bad.jsonl", [ROWS["prompt_completion"][0], row, ROWS["prompt_completion"][0]])
     with pytest.raises(DataError, match=msg) as e:
@@ -89,7 +100,8 @@ def test_labels_are_ignore_exactly_on_prompt_tokens_plain() -> None:
     prompt = tok("how are you", add_special_tokens=False)["input_ids"]
     completion = tok("good thanks", add_special_tokens=False)["input_ids"]
     assert ex["input_ids"] == [tok.bos_token_id] * (ex["input_ids"][0] == tok.bos_token_id) + prompt + completion + [
-        tok.eos_token_id]
+        tok.eos_token_id
+    ]
     n_prompt = len(ex["input_ids"]) - len(completion) - 1
     assert ex["labels"][:n_prompt] == [IGNORE] * n_prompt
     assert ex["labels"][n_prompt:] == completion + [tok.eos_token_id]
@@ -111,19 +123,26 @@ def test_alpaca_with_chat_template_and_plain() -> None:
     tok = make_tokenizer()
     chat = Encoder(tok, max_length=128).encode(ROWS["alpaca"][0], "alpaca")
     assert [t for t, lab in zip(chat["input_ids"], chat["labels"]) if lab != IGNORE] == tok(
-        "code<|im_end|>\n", add_special_tokens=False)["input_ids"]
+        "code<|im_end|>\n", add_special_tokens=False
+    )["input_ids"]
     plain = Encoder(tok, max_length=128, template="plain").encode(ROWS["alpaca"][0], "alpaca")
     assert [t for t, lab in zip(plain["input_ids"], plain["labels"]) if lab != IGNORE] == tok(
-        "code", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        "code", add_special_tokens=False
+    )["input_ids"] + [tok.eos_token_id]
 
 
 def test_truncation_and_no_target_rows_are_counted(tmp_path) -> None:
     tok = make_tokenizer(chat=False)
-    rows = load_rows(_jsonl(tmp_path / "d.jsonl", [
-        {"prompt": "how are you " * 10, "completion": "good"},  # prompt alone fills max_length
-        {"prompt": "hi", "completion": "good thanks " * 10},  # completion truncated
-        {"prompt": "hi", "completion": "fine"},
-    ]))
+    rows = load_rows(
+        _jsonl(
+            tmp_path / "d.jsonl",
+            [
+                {"prompt": "how are you " * 10, "completion": "good"},  # prompt alone fills max_length
+                {"prompt": "hi", "completion": "good thanks " * 10},  # completion truncated
+                {"prompt": "hi", "completion": "fine"},
+            ],
+        )
+    )
     enc = Encoder(tok, max_length=12)
     out = enc.encode_rows(rows)
     assert len(out) == 2 and all(len(x["input_ids"]) <= 12 for x in out)
@@ -132,8 +151,7 @@ def test_truncation_and_no_target_rows_are_counted(tmp_path) -> None:
 
 def test_pack_split_and_collate() -> None:
     exs = [{"input_ids": [1, 2, 3], "labels": [IGNORE, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}]
-    assert pack(exs, 4) == [{"input_ids": [1, 2, 3, 4], "labels": [IGNORE, 2, 3, 4]},
-                            {"input_ids": [5], "labels": [5]}]
+    assert pack(exs, 4) == [{"input_ids": [1, 2, 3, 4], "labels": [IGNORE, 2, 3, 4]}, {"input_ids": [5], "labels": [5]}]
     batch = Collator(pad_token_id=0)(exs)
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 0]]
     assert batch["labels"].tolist() == [[IGNORE, 2, 3], [4, 5, IGNORE]]

@@ -25,7 +25,7 @@ from .conftest import add_trainer_callback, logits, perturb_lora_, tiny_train_co
 needs_avx512bf16 = pytest.mark.skipif(
     not quant.cpu_packing_available(),
     reason="bitsandbytes reports no AVX512-BF16 on this CPU: its packed eval path, which this test guards "
-           "against, cannot trigger here",
+    "against, cannot trigger here",
 )
 
 
@@ -74,8 +74,9 @@ def test_export_parity_after_an_eval_pass(base_copy, tmp_path, tokens) -> None:
 @needs_avx512bf16
 def test_training_with_evals_and_saves_keeps_the_base(chat_model_dir, tmp_path, monkeypatch) -> None:
     """Eval on start, evals between checkpoint saves: the trained base equals the initial one."""
-    import qolora.training.run as run
     from transformers import TrainerCallback
+
+    import qolora.training.run as run
 
     seen = {}
 
@@ -132,8 +133,10 @@ class _Wrong(torch.nn.Module):
         return self.layer(x) * (1 + self.err)
 
 
-@pytest.mark.parametrize("err,detach,what", [(1e-3, False, "eval out relative error 1.0e-03"),
-                                             (0.0, True, "input grad relative error 1.0e\\+00")])
+@pytest.mark.parametrize(
+    "err,detach,what",
+    [(1e-3, False, "eval out relative error 1.0e-03"), (0.0, True, "input grad relative error 1.0e\\+00")],
+)
 def test_kernel_check_catches_a_wrong_output_or_a_lost_gradient(llama_dir, err, detach, what) -> None:
     layer = next(m for m in quant.load_quantized(llama_dir).modules() if quant.is_4bit(m))
     with pytest.raises(KernelCheckError, match=what):

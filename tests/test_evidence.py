@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 from qolora.cli import main
-from qolora.training import train
+from qolora.training import Encoder, train
 from qolora.training.compare import compare, summarize
-from qolora.training import Encoder
 from qolora.training.evaluate import evaluate
 
 from .conftest import tiny_train_config
@@ -74,9 +73,9 @@ def test_completion_loss_is_token_weighted_transformers_loss(chat_model_dir, tmp
     from transformers import AutoModelForCausalLM
 
     from qolora.training.data import load_rows
+    from qolora.training.evaluate import completion_loss
     from qolora.training.run import load_tokenizer
     from qolora.training.tokenize import Collator, Encoder
-    from qolora.training.evaluate import completion_loss
 
     cfg = tiny_train_config(chat_model_dir, tmp_path)
     tok = load_tokenizer(str(chat_model_dir))

@@ -24,8 +24,9 @@ from .conftest import logits, perturb_lora_
 
 def _trained_adapter(base_dir, out, source="auto", targets="all-linear", **kw):
     cfg = LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights="olora", **kw)
-    model = perturb_lora_(qolora.get_qolora_model(quant.load_quantized(base_dir), cfg, init_source=source,
-                                                  progress=False), 0.05)
+    model = perturb_lora_(
+        qolora.get_qolora_model(quant.load_quantized(base_dir), cfg, init_source=source, progress=False), 0.05
+    )
     qolora.save_adapter(model, out)
     return model
 
@@ -53,8 +54,18 @@ def test_trained_export_matches_4bit_model_in_fresh_process(base_copy, tmp_path,
     assert "quantization_config" not in json.loads((tmp_path / "m" / "config.json").read_text())
     script = tmp_path / "fresh.py"
     script.write_text(FRESH)
-    subprocess.run([sys.executable, str(script), str(tmp_path / "m"), str(tmp_path / "l.safetensors"),
-                    ",".join(map(str, x[0].tolist()))], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(tmp_path / "m"),
+            str(tmp_path / "l.safetensors"),
+            ",".join(map(str, x[0].tolist())),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     got = load_file(str(tmp_path / "l.safetensors"))["logits"]
     assert (got - want).abs().max() <= 2e-3 * want.abs().max()  # fp16 weight rounding
     exact = export_merged(tmp_path / "a", tmp_path / "m32", dtype="float32", progress=False)

@@ -46,8 +46,9 @@ def test_unquantized_fp32_init_preserves_outputs(llama_dir, tokens) -> None:
 
 
 def test_gpt2_conv1d_fan_in_fan_out(gpt2_dir, tokens) -> None:
-    cfg = LoraConfig(r=4, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
-                     init_lora_weights="olora")
+    cfg = LoraConfig(
+        r=4, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, init_lora_weights="olora"
+    )
     base = _fp32(gpt2_dir)
     before = logits(base, tokens)
     model = qolora.get_qolora_model(base, cfg, progress=False)
@@ -60,8 +61,11 @@ def test_gpt2_conv1d_fan_in_fan_out(gpt2_dir, tokens) -> None:
 
 
 def test_gpt2_4bit_uses_checkpoint_in_either_orientation(gpt2_dir) -> None:
-    model = qolora.get_qolora_model(quant.load_quantized(gpt2_dir), LoraConfig(
-        r=4, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights="olora"), progress=False)
+    model = qolora.get_qolora_model(
+        quant.load_quantized(gpt2_dir),
+        LoraConfig(r=4, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights="olora"),
+        progress=False,
+    )
     report = model.qolora_states["default"].report
     assert report.sources() == {"checkpoint": 8}
     assert len(model.qolora_states["default"].meta.transposed) == 8  # Conv1D checkpoints store (in, out)
@@ -77,7 +81,8 @@ def _peft_olora_errors(folder) -> list[float]:
         if hasattr(m, "lora_A") and "default" in m.lora_A:
             W = ref[f"{name}.weight"]
             eff = quant.dequantize(m.get_base_layer()) + m.scaling["default"] * (
-                m.lora_B["default"].weight @ m.lora_A["default"].weight)
+                m.lora_B["default"].weight @ m.lora_A["default"].weight
+            )
             errs.append(float((W - eff).norm() / W.norm()))
     return errs
 
@@ -100,8 +105,9 @@ def test_checkpoint_source_beats_qlora_and_peft_on_outlier_weights(outlier_llama
 
 def test_dequantized_source_is_logged_and_recorded(llama_dir, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="qolora"):
-        model = qolora.get_qolora_model(quant.load_quantized(llama_dir), _cfg(), init_source="dequantized",
-                                        progress=False)
+        model = qolora.get_qolora_model(
+            quant.load_quantized(llama_dir), _cfg(), init_source="dequantized", progress=False
+        )
     assert model.qolora_states["default"].report.sources() == {"dequantized": 14}
     assert model.qolora_states["default"].meta.layer_sources["model.layers.0.mlp.up_proj"] == "dequantized"
 
@@ -124,8 +130,13 @@ def test_checkpoint_source_required_but_missing(llama_dir) -> None:
 
 def test_mismatched_checkpoint_is_not_used(llama_dir, outlier_llama_dir) -> None:
     with pytest.raises(ValueError, match="does not match the loaded weight"):
-        qolora.get_qolora_model(quant.load_quantized(llama_dir), _cfg(), init_source="checkpoint",
-                                checkpoint=outlier_llama_dir, progress=False)
+        qolora.get_qolora_model(
+            quant.load_quantized(llama_dir),
+            _cfg(),
+            init_source="checkpoint",
+            checkpoint=outlier_llama_dir,
+            progress=False,
+        )
 
 
 def test_quant_settings_survive_init(llama_dir) -> None:
@@ -178,11 +189,14 @@ def test_init_streams_one_layer_at_a_time(llama_dir, monkeypatch) -> None:
     assert len(alive) == 14 and peak == 0
 
 
-@pytest.mark.parametrize("kw,msg", [
-    ({"r": 65}, "exceeds min"),
-    ({"use_dora": True}, "use_dora"),
-    ({"init": "pissa"}, "init_lora_weights"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"r": 65}, "exceeds min"),
+        ({"use_dora": True}, "use_dora"),
+        ({"init": "pissa"}, "init_lora_weights"),
+    ],
+)
 def test_bad_configs_are_refused(llama_dir, kw, msg) -> None:
     with pytest.raises(ValueError, match=msg):
         qolora.get_qolora_model(_fp32(llama_dir), _cfg(**kw), progress=False)
@@ -192,8 +206,11 @@ def test_bad_init_source_and_embedding_target(llama_dir) -> None:
     with pytest.raises(ValueError, match="init_source"):
         qolora.get_qolora_model(_fp32(llama_dir), _cfg(), init_source="disk", progress=False)
     with pytest.raises(ValueError, match="linear layers only"):
-        qolora.get_qolora_model(_fp32(llama_dir), LoraConfig(r=4, target_modules=["embed_tokens"],
-                                                              init_lora_weights="olora"), progress=False)
+        qolora.get_qolora_model(
+            _fp32(llama_dir),
+            LoraConfig(r=4, target_modules=["embed_tokens"], init_lora_weights="olora"),
+            progress=False,
+        )
 
 
 def test_plain_lora_init_is_peft_default(llama_dir, tokens) -> None:

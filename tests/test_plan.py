@@ -36,7 +36,11 @@ def test_weight_line_is_exact_on_a_real_4bit_model(llama_dir) -> None:
     s = Shape.from_config(read_config(llama_dir))
     comp = components(s, 16, 1, 4)
     assert comp["4-bit weights (incl. double-quant stats)"] == real
-    unq = sum(p.numel() * 2 for n, p in model.named_parameters() if not quant.is_4bit(model.get_submodule(n.rsplit(".", 1)[0])))
+    unq = sum(
+        p.numel() * 2
+        for n, p in model.named_parameters()
+        if not quant.is_4bit(model.get_submodule(n.rsplit(".", 1)[0]))
+    )
     assert comp["unquantized params (embeddings, norms, lm_head)"] == unq  # counted at 2 bytes (bf16)
 
 
@@ -46,8 +50,11 @@ def test_adapter_and_optimizer_lines_are_exact(llama_dir) -> None:
 
     import qolora
 
-    model = qolora.get_qolora_model(quant.load_quantized(llama_dir), LoraConfig(
-        r=4, lora_alpha=4, target_modules="all-linear", init_lora_weights="olora"), progress=False)
+    model = qolora.get_qolora_model(
+        quant.load_quantized(llama_dir),
+        LoraConfig(r=4, lora_alpha=4, target_modules="all-linear", init_lora_weights="olora"),
+        progress=False,
+    )
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     s = Shape.from_config(read_config(llama_dir))
     for opt_name, opt_cls in (("adamw_torch", torch.optim.AdamW), ("paged_adamw_8bit", bnb.optim.AdamW8bit)):
@@ -57,8 +64,12 @@ def test_adapter_and_optimizer_lines_are_exact(llama_dir) -> None:
         for p in params:
             p.grad = torch.zeros_like(p)
         opt.step()
-        state = [v for st in opt.state.values() for k, v in st.items() if torch.is_tensor(v) and v.ndim > 0
-                 and not k.startswith("qmap")]
+        state = [
+            v
+            for st in opt.state.values()
+            for k, v in st.items()
+            if torch.is_tensor(v) and v.ndim > 0 and not k.startswith("qmap")
+        ]
         assert comp[f"optimizer states ({opt_name})"] == sum(t.numel() * t.element_size() for t in state)
 
 
@@ -77,19 +88,30 @@ def test_8bit_state_formula_for_large_tensors() -> None:
 def test_shapes_match_meta_device_7b_and_8b() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    for cfg in (LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                            vocab_size=32000),
-                LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                            num_key_value_heads=8, vocab_size=128256)):
+    for cfg in (
+        LlamaConfig(
+            hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000
+        ),
+        LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+        ),
+    ):
         with torch.device("meta"):
             model = LlamaForCausalLM(cfg)
         s = Shape.from_config(cfg.to_dict())
-        linear = sum(m.weight.numel() for n, m in model.named_modules()
-                     if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+        linear = sum(
+            m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+        )
         assert linear == s.layers * sum(o * i for o, i in s.linears())
         comp = components(s, 2048, 1, 16)
         assert comp["unquantized params (embeddings, norms, lm_head)"] == 2 * (
-            sum(p.numel() for p in model.parameters()) - linear)
+            sum(p.numel() for p in model.parameters()) - linear
+        )
         lora = s.layers * sum(16 * (o + i) for o, i in s.linears())
         assert comp["adapters (fp32)"] == 4 * lora
     assert nf4_bytes(4096 * 4096) == 4096 * 4096 // 2 + 4096 * 4096 // 64 + 4 * 1024 + 4
@@ -102,8 +124,11 @@ def test_activation_estimate_matches_saved_tensors_on_cpu(llama_dir) -> None:
 
     import qolora
 
-    model = qolora.get_qolora_model(quant.load_quantized(llama_dir, compute_dtype="bfloat16"), LoraConfig(
-        r=8, lora_alpha=8, target_modules="all-linear", init_lora_weights="olora"), progress=False)
+    model = qolora.get_qolora_model(
+        quant.load_quantized(llama_dir, compute_dtype="bfloat16"),
+        LoraConfig(r=8, lora_alpha=8, target_modules="all-linear", init_lora_weights="olora"),
+        progress=False,
+    )
     model.train()
 
     def saved_bytes(T: int) -> int:

@@ -22,12 +22,17 @@ def _cfg(init: object = "olora") -> LoraConfig:
 
 @pytest.mark.parametrize("source", ["checkpoint", "dequantized"])
 def test_reload_is_bit_identical_and_runs_no_qr(base_copy, tmp_path, tokens, source, monkeypatch) -> None:
-    model = perturb_lora_(qolora.get_qolora_model(quant.load_quantized(base_copy), _cfg(), init_source=source,
-                                             progress=False))
+    model = perturb_lora_(
+        qolora.get_qolora_model(quant.load_quantized(base_copy), _cfg(), init_source=source, progress=False)
+    )
     want = logits(model, tokens)
     out = qolora.save_adapter(model, tmp_path / "adapter")
-    assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors",
-                                                "qolora.json", "initial_factors.safetensors"}
+    assert {p.name for p in out.iterdir()} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "qolora.json",
+        "initial_factors.safetensors",
+    }
 
     def no_qr(*a, **k):
         raise AssertionError("load_adapter ran a QR")
@@ -43,8 +48,9 @@ def test_reload_is_bit_identical_and_runs_no_qr(base_copy, tmp_path, tokens, sou
 
 
 def test_reload_unquantized_and_resave(llama_dir, tmp_path, tokens) -> None:
-    model = perturb_lora_(qolora.get_qolora_model(AutoModelForCausalLM.from_pretrained(llama_dir), _cfg(),
-                                             progress=False))
+    model = perturb_lora_(
+        qolora.get_qolora_model(AutoModelForCausalLM.from_pretrained(llama_dir), _cfg(), progress=False)
+    )
     want = logits(model, tokens)
     qolora.save_adapter(model, tmp_path / "a")
     reloaded = qolora.load_adapter(tmp_path / "a", progress=False)
@@ -57,8 +63,7 @@ def test_reload_with_given_base_and_trainable(llama_dir, tmp_path, tokens) -> No
     model = perturb_lora_(qolora.get_qolora_model(quant.load_quantized(llama_dir), _cfg(), progress=False))
     want = logits(model, tokens)
     qolora.save_adapter(model, tmp_path / "a")
-    reloaded = qolora.load_adapter(tmp_path / "a", quant.load_quantized(llama_dir), is_trainable=True,
-                                   progress=False)
+    reloaded = qolora.load_adapter(tmp_path / "a", quant.load_quantized(llama_dir), is_trainable=True, progress=False)
     assert any(p.requires_grad for n, p in reloaded.named_parameters() if "lora_" in n)
     assert torch.equal(logits(reloaded, tokens), want)
 

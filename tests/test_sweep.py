@@ -11,7 +11,8 @@ from qolora.config import ConfigError, config_from_dict
 from qolora.training.lr import AUTO_LR, resolve_lr
 from qolora.training.sweep import eval_every, format_summary, parse_list, summarize, sweep
 
-from .conftest import add_trainer_callback, tiny_train_config as _cfg
+from .conftest import add_trainer_callback
+from .conftest import tiny_train_config as _cfg
 
 
 def test_auto_lr_is_per_init_and_rank_and_an_explicit_lr_wins() -> None:
@@ -66,7 +67,9 @@ def test_eval_loss_is_token_weighted(chat_model_dir, tmp_path) -> None:
     cfg = _cfg(chat_model_dir, tmp_path, batch_size=2)
     tok = load_tokenizer(cfg.model)
     train_ex, eval_ex, _ = prepare_data(cfg, tok)
-    eval_ex = eval_ex[:3] + [dict(eval_ex[3], labels=[-100] * (len(eval_ex[3]["labels"]) - 1) + [eval_ex[3]["labels"][-1]])]
+    eval_ex = eval_ex[:3] + [
+        dict(eval_ex[3], labels=[-100] * (len(eval_ex[3]["labels"]) - 1) + [eval_ex[3]["labels"][-1]])
+    ]
     model = get_qolora_model(load_base(cfg), lora_config(cfg))
     for chunked in (True, False):
         cfg.train.chunked_ce = chunked
@@ -76,7 +79,7 @@ def test_eval_loss_is_token_weighted(chat_model_dir, tmp_path) -> None:
         assert got["eval_loss"] == pytest.approx(want.loss, rel=1e-5, abs=1e-6)
         assert got["eval_tokens"] == want.tokens
     # the batch-mean average differs here: the last batch holds one example with one label token
-    batch_means = [completion_loss(model, eval_ex[i:i + 2], tok.pad_token_id).loss for i in (0, 2)]
+    batch_means = [completion_loss(model, eval_ex[i : i + 2], tok.pad_token_id).loss for i in (0, 2)]
     assert abs(sum(batch_means) / 2 - want.loss) > 1e-3
 
 
@@ -84,16 +87,33 @@ def test_sweep_summary_picks_the_best_lr_and_ranks_diverged_runs_last() -> None:
     def run(init, lr, seed, loss):
         return {"init": init, "r": 16, "lr": lr, "seed": seed, "final_eval_loss": loss, "eval": [], "history": []}
 
-    runs = {str(i): r for i, r in enumerate([
-        run("olora", 1e-4, 0, 1.3), run("olora", 1e-4, 1, 1.5), run("olora", 3e-4, 0, 1.2), run("olora", 3e-4, 1, 1.6),
-        run("olora", 1e-3, 0, None), run("olora", 1e-3, 1, 1.0),
-        run("lora", 1e-4, 0, 2.0), run("lora", 1e-3, 0, 1.25)])}
+    runs = {
+        str(i): r
+        for i, r in enumerate(
+            [
+                run("olora", 1e-4, 0, 1.3),
+                run("olora", 1e-4, 1, 1.5),
+                run("olora", 3e-4, 0, 1.2),
+                run("olora", 3e-4, 1, 1.6),
+                run("olora", 1e-3, 0, None),
+                run("olora", 1e-3, 1, 1.0),
+                run("lora", 1e-4, 0, 2.0),
+                run("lora", 1e-3, 0, 1.25),
+            ]
+        )
+    }
     s = summarize(runs)
     assert s["best"]["olora-r16"]["lr"] == 1e-4 and s["best"]["olora-r16"]["final_eval_loss_mean"] == pytest.approx(1.4)
     assert s["best"]["olora-r16"]["min"] == 1.3 and s["best"]["olora-r16"]["max"] == 1.5
     assert s["by_lr"]["olora-r16"][2] == {"lr": 1e-3, "mean": None, "min": 1.0, "max": None, "seeds": 2, "diverged": 1}
-    assert s["best"]["lora-r16"] == {"lr": 1e-3, "final_eval_loss_mean": 1.25, "min": 1.25, "max": 1.25, "seeds": 1,
-                                     "at_grid_edge": True}
+    assert s["best"]["lora-r16"] == {
+        "lr": 1e-3,
+        "final_eval_loss_mean": 1.25,
+        "min": 1.25,
+        "max": 1.25,
+        "seeds": 1,
+        "at_grid_edge": True,
+    }
     s["runs"] = runs
     text = format_summary(s)
     assert "at the edge of the grid: widen --lrs" in text and "train: {lr: 0.0001}   # adapter.init olora" in text

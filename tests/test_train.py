@@ -14,7 +14,8 @@ import torch
 import qolora
 from qolora.training import DataError, train
 
-from .conftest import add_trainer_callback, logits, tiny_train_config as _cfg
+from .conftest import add_trainer_callback, logits
+from .conftest import tiny_train_config as _cfg
 
 
 def test_train_writes_outputs_and_learns(chat_model_dir, tmp_path) -> None:
@@ -89,8 +90,13 @@ def test_resume_after_kill_9_matches_uninterrupted(chat_model_dir, tmp_path, mon
     dump_config(cfg, kill_dir / "cfg.yaml")
     (kill_dir / "killer.py").write_text(KILLER)
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    proc = subprocess.run([sys.executable, str(kill_dir / "killer.py"), str(kill_dir / "cfg.yaml")], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(kill_dir / "killer.py"), str(kill_dir / "cfg.yaml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert (kill_dir / "run" / "checkpoint-4").is_dir() and not (kill_dir / "run" / "adapter").exists()
     steps_run = []

@@ -74,7 +74,9 @@ def export_lora(
         (tmp / "adapter_config.json").write_text(json.dumps(c, indent=2) + "\n")
     gap = _gap(parts) if measure_gap else None
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    result = ExportResult(out, time.perf_counter() - t0, nbytes, peak_rss_bytes(), len(tensors), len(parts.weights), gap)
+    result = ExportResult(
+        out, time.perf_counter() - t0, nbytes, peak_rss_bytes(), len(tensors), len(parts.weights), gap
+    )
     logger.info("%s", result)
     return result
 

@@ -15,18 +15,16 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .. import quant
-from .._io import atomic_dir
+from .._io import atomic_dir, peak_rss_bytes
+from ..adapter_dir import AdapterDir
 from ..olora import subtract_lowrank_
 from ..precision import dtype_name, parse_dtype
-from .._io import peak_rss_bytes
-from ..adapter_dir import AdapterDir
 from .common import read_adapter
 
 logger = logging.getLogger(__name__)
@@ -48,11 +46,16 @@ class ExportResult:
     gap: float | None = None  # export_lora(measure_gap=True): mean relative weight gap to the trained model
 
     def __str__(self) -> str:
-        text = (f"wrote {self.out_dir}: {self.tensors} tensors ({self.merged_layers} adapter layers), "
-                f"{self.bytes_written / 2**20:.1f} MiB in {self.seconds:.1f} s, peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB")
+        text = (
+            f"wrote {self.out_dir}: {self.tensors} tensors ({self.merged_layers} adapter layers), "
+            f"{self.bytes_written / 2**20:.1f} MiB in {self.seconds:.1f} s, "
+            f"peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB"
+        )
         if self.gap is not None:
-            text += (f"\ngap to the trained model: mean relative weight difference {self.gap:.5f} (the residual's NF4 "
-                     "error, which the portable adapter on the original base does not have)")
+            text += (
+                f"\ngap to the trained model: mean relative weight difference {self.gap:.5f} (the residual's NF4 "
+                "error, which the portable adapter on the original base does not have)"
+            )
         return text
 
 
@@ -195,8 +198,13 @@ def _write_side_files(parts: AdapterDir, tmp: Path, out_dtype: torch.dtype, mode
 def model_card(parts: AdapterDir, mode: str, out_dtype: torch.dtype) -> str:
     c, meta = parts.config, parts.meta
     base = meta.base_model or str(parts.checkpoint)
-    how = ("dequant(NF4(W_res)) + s·B·A: exactly the 4-bit model that was trained" if mode == "trained"
-           else "W + s·(B·A − B0·A0) on the original weights: no base quantization error")
+    how = (
+        "dequant(NF4(W_res)) + s·B·A: exactly the 4-bit model that was trained"
+        if mode == "trained"
+        else "W + s·(B·A − B0·A0) on the original weights: no base quantization error"
+    )
+    method = "OLoRA" if meta.init == "olora" else "LoRA"
+    on = "4-bit " + meta.quant["quant_type"].upper() if meta.quant else "full-precision"
     return f"""---
 base_model: {base}
 library_name: transformers
@@ -205,9 +213,9 @@ tags: [qolora, olora, lora, merged]
 # Merged QOLoRA fine-tune of {Path(base).name}
 
 - Base model: `{base}`
-- Method: {'OLoRA' if meta.init == 'olora' else 'LoRA'} adapters (arXiv 2406.01775) on a {'4-bit ' + meta.quant['quant_type'].upper() if meta.quant else 'full-precision'} base, trained with QOLoRA
-- Rank {c['r']}, alpha {c['lora_alpha']}, target modules {c.get('target_modules')}
-- Training data: {(meta.data or {}).get('train', 'not recorded')}
+- Method: {method} adapters (arXiv 2406.01775) on a {on} base, trained with QOLoRA
+- Rank {c["r"]}, alpha {c["lora_alpha"]}, target modules {c.get("target_modules")}
+- Training data: {(meta.data or {}).get("train", "not recorded")}
 - Merge mode `{mode}`: {how}
 - Weights: {dtype_name(out_dtype)} safetensors; loads with `AutoModelForCausalLM.from_pretrained`
 """

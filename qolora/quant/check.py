@@ -48,8 +48,10 @@ class KernelCheck:
 
     def __str__(self) -> str:
         errs = ", ".join(f"{k} {v:.1e}" for k, v in self.errors.items())
-        return (f"4-bit kernel check passed on {self.device} ({self.layer}, {self.dtype}): {errs} "
-                f"(bound {self.tolerance:.1e}) in {self.seconds:.2f} s")
+        return (
+            f"4-bit kernel check passed on {self.device} ({self.layer}, {self.dtype}): {errs} "
+            f"(bound {self.tolerance:.1e}) in {self.seconds:.2f} s"
+        )
 
 
 def _rel(x: torch.Tensor | None, ref: torch.Tensor) -> float:

@@ -15,7 +15,8 @@ It is neither exact nor differentiable, so QOLoRA switches it off on every layer
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,9 +63,12 @@ def keep_standard_layout_(model: nn.Module) -> None:
             _unpack_(m)
             undone.append(name)
     if undone:
-        logger.warning("%d 4-bit layers had been repacked by bitsandbytes' CPU eval path (first: %s); converted "
-                       "back, with absmax rounded to bf16: load the model with qolora.load_quantized for an exact base",
-                       len(undone), undone[0])
+        logger.warning(
+            "%d 4-bit layers had been repacked by bitsandbytes' CPU eval path (first: %s); converted "
+            "back, with absmax rounded to bf16: load the model with qolora.load_quantized for an exact base",
+            len(undone),
+            undone[0],
+        )
 
 
 def cpu_unsupported(shapes: Iterable[tuple[str, int, int]]) -> list[str]:
@@ -96,8 +100,7 @@ def check_supported(model: nn.Module, device: str | torch.device) -> None:
         )
     if torch.device(device).type != "cpu":
         return
-    bad = cpu_unsupported((n, int(m.out_features), int(m.in_features))
-                          for n, m in model.named_modules() if is_4bit(m))
+    bad = cpu_unsupported((n, int(m.out_features), int(m.in_features)) for n, m in model.named_modules() if is_4bit(m))
     if bad:
         raise ValueError(
             f"bitsandbytes cannot run these 4-bit layers on the CPU (in_features must be a multiple of "

@@ -109,11 +109,18 @@ def load_quantized(
     if skip_modules is None:
         skip_modules = odd
         if odd:
-            logger.warning("keeping %d linear layers unquantized: bitsandbytes cannot run them in 4-bit on the %s "
-                           "(in_features %% 64 or out_features %% 32 not 0): %s", len(odd), device, ", ".join(odd[:6]))
+            logger.warning(
+                "keeping %d linear layers unquantized: bitsandbytes cannot run them in 4-bit on the %s "
+                "(in_features %% 64 or out_features %% 32 not 0): %s",
+                len(odd),
+                device,
+                ", ".join(odd[:6]),
+            )
     model = AutoModelForCausalLM.from_pretrained(
         path,
-        quantization_config=bnb_config(cdtype, quant_type, double_quant, skip_modules=sorted(set(defaults) | set(skip_modules))),
+        quantization_config=bnb_config(
+            cdtype, quant_type, double_quant, skip_modules=sorted(set(defaults) | set(skip_modules))
+        ),
         dtype=pdtype,
         device_map=device_map,
         trust_remote_code=trust_remote_code,
@@ -122,11 +129,15 @@ def load_quantized(
     keep_standard_layout_(model)
     if skip_modules:
         kept = set(skip_modules)
-        extra = sum(m.weight.numel() * (m.weight.element_size() - 0.5) for n, m in model.named_modules()
-                    if n in kept and hasattr(m, "weight"))
+        extra = sum(
+            m.weight.numel() * (m.weight.element_size() - 0.5)
+            for n, m in model.named_modules()
+            if n in kept and hasattr(m, "weight")
+        )
         logger.info("the unquantized layers cost %.1f MiB more than 4-bit would", extra / 2**20)
-    logger.info("loaded %s in 4-bit %s (double quant %s, compute %s, dtype %s)", path, quant_type, double_quant,
-                cdtype, pdtype)
+    logger.info(
+        "loaded %s in 4-bit %s (double quant %s, compute %s, dtype %s)", path, quant_type, double_quant, cdtype, pdtype
+    )
     return model
 
 
@@ -150,5 +161,12 @@ def load_base(
 
         pdtype = parse_dtype(dtype, "dtype") if dtype is not None else resolve_compute_dtype(compute_dtype).dtype
         return AutoModelForCausalLM.from_pretrained(resolve_model(path_or_id), dtype=pdtype, device_map=device_map)
-    return load_quantized(path_or_id, compute_dtype=compute_dtype, dtype=dtype, quant_type=quant_type,
-                          double_quant=double_quant, device_map=device_map, skip_modules=skip_modules)
+    return load_quantized(
+        path_or_id,
+        compute_dtype=compute_dtype,
+        dtype=dtype,
+        quant_type=quant_type,
+        double_quant=double_quant,
+        device_map=device_map,
+        skip_modules=skip_modules,
+    )

@@ -71,7 +71,7 @@ class QuantSettings:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QuantSettings":
+    def from_dict(cls, d: dict[str, Any]) -> QuantSettings:
         if not isinstance(d, dict):
             raise ValueError(f"quant settings must be a mapping, got {d!r}")
         return cls(
@@ -193,15 +193,23 @@ def roundtrip(W: torch.Tensor, settings: QuantSettings) -> torch.Tensor:
     return bnb.functional.dequantize_4bit(data, state).to(torch.float32)
 
 
-def linear4bit(W: torch.Tensor, settings: QuantSettings, compute_dtype: torch.dtype,
-               bias: torch.Tensor | None = None) -> nn.Module:
+def linear4bit(
+    W: torch.Tensor, settings: QuantSettings, compute_dtype: torch.dtype, bias: torch.Tensor | None = None
+) -> nn.Module:
     """A ``Linear4bit`` holding ``W`` (out, in) quantized once, on W's device, with no float copy
     of the layer ever allocated (synthetic 7B models are built this way, one matrix at a time)."""
     bnb = _bnb()
     out_f, in_f = W.shape
-    layer = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=compute_dtype,
-                              compress_statistics=settings.double_quant, quant_type=settings.quant_type,
-                              quant_storage=settings.quant_storage, device="meta")
+    layer = bnb.nn.Linear4bit(
+        in_f,
+        out_f,
+        bias=bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=settings.double_quant,
+        quant_type=settings.quant_type,
+        quant_storage=settings.quant_storage,
+        device="meta",
+    )
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
     requantize_(layer, W.detach(), settings)

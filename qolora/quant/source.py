@@ -58,7 +58,9 @@ class CheckpointWeights:
         with safe_open(str(self._key_to_file[key]), framework="pt") as h:
             return tuple(h.get_slice(key).get_shape())
 
-    def get(self, key: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    def get(
+        self, key: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32
+    ) -> torch.Tensor:
         """One tensor on ``device``, as ``dtype`` (float32 by default; None keeps the stored dtype)."""
         if key not in self._key_to_file:
             raise KeyError(f"{self.folder}: tensor {key!r} is not in the checkpoint")
@@ -108,7 +110,9 @@ def fingerprint(folder: str | os.PathLike[str], progress: bool = True) -> dict[s
     files = safetensors_files(folder)
     total = sum(f.stat().st_size for f in files)
     out: dict[str, Any] = {}
-    with tqdm(total=total, unit="B", unit_scale=True, desc="fingerprint", disable=not progress or total < 1 << 30) as bar:
+    with tqdm(
+        total=total, unit="B", unit_scale=True, desc="fingerprint", disable=not progress or total < 1 << 30
+    ) as bar:
         for f in files:
             h = hashlib.sha256()
             with open(f, "rb") as fh:
@@ -149,9 +153,7 @@ def find_checkpoint(name_or_path: str | None) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
 
-        local = snapshot_download(
-            str(name_or_path), local_files_only=True, allow_patterns=["*.safetensors", "*.json"]
-        )
+        local = snapshot_download(str(name_or_path), local_files_only=True, allow_patterns=["*.safetensors", "*.json"])
     except Exception as e:  # not cached, malformed id, or no hub library: the caller falls back
         logger.debug("no local checkpoint for %s: %s", name_or_path, e)
         return None

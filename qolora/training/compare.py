@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..choices import INITS
-from ..config import Config, dump_config
 from .._io import save_figure_atomic, write_json_atomic
 from ..adapter_dir import META_FILE
+from ..choices import INITS
+from ..config import Config, dump_config
 from .run import FINAL_ADAPTER, latest_checkpoint, train
 
 logger = logging.getLogger(__name__)
@@ -96,8 +96,13 @@ def train_once(cfg: Config, name: str) -> dict[str, Any]:
     return json.loads(metrics.read_text())
 
 
-def compare(cfg: Config, inits: list[str], ranks: list[int] | None = None, out_dir: str | os.PathLike[str] = "runs/compare",
-            target_loss: float | None = None) -> dict[str, Any]:
+def compare(
+    cfg: Config,
+    inits: list[str],
+    ranks: list[int] | None = None,
+    out_dir: str | os.PathLike[str] = "runs/compare",
+    target_loss: float | None = None,
+) -> dict[str, Any]:
     """Train ``cfg`` once per (init, rank) into ``out_dir/<init>-r<rank>``; write compare.json and compare.png.
 
     The alpha/r ratio of ``cfg`` is kept at every rank, so the LoRA scale is the same.
@@ -124,8 +129,10 @@ def compare(cfg: Config, inits: list[str], ranks: list[int] | None = None, out_d
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    lines = [f"target train loss (EMA): {summary['target_loss']:.4f}",
-             f"{'run':<12} {'steps to target':>15} {'first eval':>10} {'final eval':>10} {'wall s':>8}"]
+    lines = [
+        f"target train loss (EMA): {summary['target_loss']:.4f}",
+        f"{'run':<12} {'steps to target':>15} {'first eval':>10} {'final eval':>10} {'wall s':>8}",
+    ]
     for k, r in summary["runs"].items():
         fe = "-" if r["first_eval_loss"] is None else f"{r['first_eval_loss']:.4f}"
         le = "-" if r["final_eval_loss"] is None else f"{r['final_eval_loss']:.4f}"

@@ -145,7 +145,11 @@ def check_row(row: Any, fmt: str) -> dict[str, Any]:
             raise ValueError("field 'messages' has no assistant turn to learn from")
         return {"messages": out}
     if fmt == "alpaca":
-        r = {"instruction": _text(row, "instruction"), "input": _text(row, "input", False), "output": _text(row, "output")}
+        r = {
+            "instruction": _text(row, "instruction"),
+            "input": _text(row, "input", False),
+            "output": _text(row, "output"),
+        }
         empty = "instruction" if not r["instruction"].strip() else "output" if not r["output"].strip() else None
     elif fmt == "prompt_completion":
         r = {"prompt": _text(row, "prompt"), "completion": _text(row, "completion")}

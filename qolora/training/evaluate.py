@@ -11,7 +11,6 @@ import dataclasses
 import math
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import load_adapter, load_recorded_base
 from ..adapter_dir import DATA_KEYS, read_adapter_dir
+from ..adapters import load_adapter, load_recorded_base
 from ..config import DataConfig
 from .data import load_rows
 from .losses import IGNORE
@@ -36,8 +35,9 @@ class LossResult:
 
 
 @torch.no_grad()
-def completion_loss(model: nn.Module, examples: list[dict[str, list[int]]], pad_id: int, batch_size: int = 8,
-                    desc: str = "eval") -> LossResult:
+def completion_loss(
+    model: nn.Module, examples: list[dict[str, list[int]]], pad_id: int, batch_size: int = 8, desc: str = "eval"
+) -> LossResult:
     """Token-weighted mean cross-entropy over the target (label != -100) tokens."""
     model.eval()
     collate = Collator(pad_id)
@@ -47,8 +47,12 @@ def completion_loss(model: nn.Module, examples: list[dict[str, list[int]]], pad_
         batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size]).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
-        ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                             ignore_index=IGNORE, reduction="sum")
+        ce = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
         total += float(ce)
         count += int((labels != IGNORE).sum())
     loss = total / max(count, 1)
@@ -80,8 +84,9 @@ def evaluate(
     for name, path in sets.items():
         rows = load_rows(path)
         rows.rows = rows.rows[:max_rows] if max_rows else rows.rows
-        examples[name] = Encoder(tokenizer, settings["max_length"], settings["template"],
-                                 settings["completion_only"]).encode_rows(rows)
+        examples[name] = Encoder(
+            tokenizer, settings["max_length"], settings["template"], settings["completion_only"]
+        ).encode_rows(rows)
     pad = tokenizer.pad_token_id
     base = load_recorded_base(meta, ad.meta_path)
     result: dict[str, Any] = {"adapter": str(adir), "data": {k: str(v) for k, v in sets.items()}}

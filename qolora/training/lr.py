@@ -23,7 +23,9 @@ def _by_rank(init: str, r: int) -> tuple[float, str]:
     ranks = sorted(k for i, k in AUTO_LR if i == init)
     if r <= ranks[0] or r >= ranks[-1]:
         near = ranks[0] if r <= ranks[0] else ranks[-1]
-        return AUTO_LR[(init, near)], f"the {init} r{near} sweep's best" + ("" if near == r else f" (nearest rank to {r})")
+        return AUTO_LR[(init, near)], f"the {init} r{near} sweep's best" + (
+            "" if near == r else f" (nearest rank to {r})"
+        )
     lo = max(k for k in ranks if k <= r)
     hi = min(k for k in ranks if k >= r)
     if lo == hi:

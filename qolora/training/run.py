@@ -12,10 +12,10 @@ from typing import Any
 
 from torch import nn
 
+from .. import quant
 from ..adapter_dir import DATA_KEYS, META_FILE
 from ..adapters import check_ranks, get_qolora_model, load_adapter, save_adapter
 from ..config import Config, ConfigError, changed_on_resume, dump_config
-from .. import quant
 from ..quant import check_kernel, meta_model, resolve_model
 from .data import load_rows
 from .tokenize import Encoder, pack, split_rows
@@ -76,8 +76,14 @@ def lora_config(cfg: Config) -> Any:
     from peft import LoraConfig
 
     a = cfg.adapter
-    return LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=a.target_modules,
-                      init_lora_weights="olora" if a.init == "olora" else True, task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=a.r,
+        lora_alpha=a.alpha,
+        lora_dropout=a.dropout,
+        target_modules=a.target_modules,
+        init_lora_weights="olora" if a.init == "olora" else True,
+        task_type="CAUSAL_LM",
+    )
 
 
 def check_resume(cfg: Config, out: Path) -> None:
@@ -93,8 +99,10 @@ def check_resume(cfg: Config, out: Path) -> None:
         raise ConfigError(f"{saved_path}: not valid YAML ({e})") from e
     changed = changed_on_resume(saved, cfg)
     if changed:
-        raise ConfigError(f"--resume: {', '.join(changed)} changed since the run in {out} started; restore them, "
-                          "or start a new run in another train.output_dir")
+        raise ConfigError(
+            f"--resume: {', '.join(changed)} changed since the run in {out} started; restore them, "
+            "or start a new run in another train.output_dir"
+        )
 
 
 def train(cfg: Config, resume: bool = False) -> Path:
@@ -126,8 +134,11 @@ def train(cfg: Config, resume: bool = False) -> Path:
         logger.info("resuming from %s", ckpt if ckpt else "the start: no checkpoint was complete")
     kernel = check_kernel(model) if cfg.train.kernel_check else None
     report = model.qolora_states["default"].report
-    extra = {"data": data_stats, "init_report": report.to_dict() if report else None,
-             "kernel_check": vars(kernel) if kernel else None}
+    extra = {
+        "data": data_stats,
+        "init_report": report.to_dict() if report else None,
+        "kernel_check": vars(kernel) if kernel else None,
+    }
     trainer = build_trainer(model, tokenizer, train_ex, eval_ex, cfg, extra, eval_on_start=not resume)
     trainer.train(resume_from_checkpoint=str(ckpt) if (resume and ckpt) else None)
     return save_adapter(model, out / FINAL_ADAPTER)

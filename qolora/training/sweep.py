@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .._io import save_figure_atomic, write_json_atomic
+from ..adapter_dir import META_FILE
 from ..choices import INITS
 from ..config import Config, ConfigError, dump_config
-from .._io import save_figure_atomic, write_json_atomic
 from .compare import train_once
-from ..adapter_dir import META_FILE
 from .run import FINAL_ADAPTER
 
 logger = logging.getLogger(__name__)
@@ -71,16 +71,29 @@ def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         for lr in sorted(per):
             v = per[lr]
             fin = [x for x in v if math.isfinite(x)]
-            rows.append({"lr": lr, "mean": statistics.fmean(v) if len(fin) == len(v) else None,
-                         "min": min(fin) if fin else None, "max": max(fin) if len(fin) == len(v) else None,
-                         "seeds": len(v), "diverged": len(v) - len(fin)})
+            rows.append(
+                {
+                    "lr": lr,
+                    "mean": statistics.fmean(v) if len(fin) == len(v) else None,
+                    "min": min(fin) if fin else None,
+                    "max": max(fin) if len(fin) == len(v) else None,
+                    "seeds": len(v),
+                    "diverged": len(v) - len(fin),
+                }
+            )
         by_lr[key] = rows
         ok = [row for row in rows if row["mean"] is not None]
         if ok:
             b = min(ok, key=lambda row: row["mean"])
             lrs = [row["lr"] for row in rows]
-            best[key] = {"lr": b["lr"], "final_eval_loss_mean": b["mean"], "min": b["min"], "max": b["max"],
-                         "seeds": b["seeds"], "at_grid_edge": len(lrs) > 1 and b["lr"] in (lrs[0], lrs[-1])}
+            best[key] = {
+                "lr": b["lr"],
+                "final_eval_loss_mean": b["mean"],
+                "min": b["min"],
+                "max": b["max"],
+                "seeds": b["seeds"],
+                "at_grid_edge": len(lrs) > 1 and b["lr"] in (lrs[0], lrs[-1]),
+            }
     return {"by_lr": by_lr, "best": best}
 
 
@@ -100,12 +113,17 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         for m in summary["runs"].values():
             if best and f"{m['init']}-r{m['r']}" == key and m["lr"] == best["lr"]:
                 ev = m["eval"]
-                b.plot([e["step"] for e in ev], [e["eval_loss"] for e in ev], "o-", color=line.get_color(),
-                       alpha=0.7, label=label)
+                b.plot(
+                    [e["step"] for e in ev],
+                    [e["eval_loss"] for e in ev],
+                    "o-",
+                    color=line.get_color(),
+                    alpha=0.7,
+                    label=label,
+                )
                 label = None  # one legend entry per init and rank
     a.set_xscale("log")
-    a.set(title="final held-out loss (token-weighted; band: min-max over seeds)", xlabel="learning rate",
-          ylabel="loss")
+    a.set(title="final held-out loss (token-weighted; band: min-max over seeds)", xlabel="learning rate", ylabel="loss")
     b.set(title="held-out loss at each init's best lr", xlabel="step", ylabel="loss")
     for ax in (a, b):
         ax.grid(alpha=0.3)
@@ -113,9 +131,15 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     save_figure_atomic(fig, path)
 
 
-def sweep(cfg: Config, lrs: list[float] | dict[str, list[float]], inits: list[str] | None = None, ranks: list[int] | None = None,
-          seeds: list[int] | None = None, steps: int | None = None,
-          out_dir: str | os.PathLike[str] = "runs/sweep") -> dict[str, Any]:
+def sweep(
+    cfg: Config,
+    lrs: list[float] | dict[str, list[float]],
+    inits: list[str] | None = None,
+    ranks: list[int] | None = None,
+    seeds: list[int] | None = None,
+    steps: int | None = None,
+    out_dir: str | os.PathLike[str] = "runs/sweep",
+) -> dict[str, Any]:
     """Train ``cfg`` once per (init, rank, lr, seed) into ``out_dir/<init>-r<r>-lr<lr>-s<seed>``.
 
     Writes sweep.json (each run's curve and final loss, the best lr per init and rank) and
@@ -130,13 +154,18 @@ def sweep(cfg: Config, lrs: list[float] | dict[str, list[float]], inits: list[st
         if init not in INITS:
             raise ConfigError(f"--inits: expected olora and/or lora, got {init!r}")
     per = lrs if isinstance(lrs, dict) else {f"{i}-r{r}": lrs for i in inits for r in ranks}
-    checks = (("--lrs", [v for vs in per.values() for v in vs], lambda v: v > 0),
-              ("--ranks", ranks, lambda v: v >= 1), ("--steps", [steps], lambda v: v >= 1))
+    checks = (
+        ("--lrs", [v for vs in per.values() for v in vs], lambda v: v > 0),
+        ("--ranks", ranks, lambda v: v >= 1),
+        ("--steps", [steps], lambda v: v >= 1),
+    )
     for name, values, ok in checks:
         bad = [v for v in values if not ok(v)]
         if bad:
-            raise ConfigError(f"{name}: {bad[0]!r} is out of range" + (" (train.max_steps is -1: pass --steps)"
-                                                                        if name == "--steps" else ""))
+            raise ConfigError(
+                f"{name}: {bad[0]!r} is out of range"
+                + (" (train.max_steps is -1: pass --steps)" if name == "--steps" else "")
+            )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
@@ -152,16 +181,23 @@ def sweep(cfg: Config, lrs: list[float] | dict[str, list[float]], inits: list[st
         t.eval_steps, t.logging_steps = eval_every(steps, t.eval_steps), 1
         finished = (out / name / FINAL_ADAPTER / META_FILE).is_file()
         if not finished:
-            left = sum(1 for g in grid[i - 1:] if not (out / run_name(*g) / FINAL_ADAPTER / META_FILE).is_file())
+            left = sum(1 for g in grid[i - 1 :] if not (out / run_name(*g) / FINAL_ADAPTER / META_FILE).is_file())
             eta = f"; about {statistics.fmean(took) * left / 60:.0f} min left" if took else ""
             logger.info("sweep: run %d of %d: %s (%d to train%s)", i, len(grid), name, left, eta)
         t0 = time.perf_counter()
         m = train_once(c, name)
         if not finished:
             took.append(time.perf_counter() - t0)
-        runs[name] = {"init": init, "r": r, "lr": lr, "seed": seed, "final_eval_loss": _final(m),
-                      "eval": m.get("eval", []), "history": m.get("history", []),
-                      "wall_time_s": m.get("compare_wall_time_s", m.get("wall_time_s"))}
+        runs[name] = {
+            "init": init,
+            "r": r,
+            "lr": lr,
+            "seed": seed,
+            "final_eval_loss": _final(m),
+            "eval": m.get("eval", []),
+            "history": m.get("history", []),
+            "wall_time_s": m.get("compare_wall_time_s", m.get("wall_time_s")),
+        }
     summary = summarize(runs)
     summary["runs"] = runs
     summary["config"] = str(out / "config.yaml")
@@ -182,8 +218,10 @@ def format_summary(summary: dict[str, Any], cfg: Config | None = None) -> str:
             lines.append(f"{key:<11} {row['lr']:>8g} {mean:>18} {lo:>7} {hi:>7} {row['seeds']:>5}")
     for key, b in summary["best"].items():
         edge = "; at the edge of the grid: widen --lrs" if b["at_grid_edge"] else ""
-        lines.append(f"best for {key}: lr {b['lr']:g} (final held-out loss {b['final_eval_loss_mean']:.4f}, "
-                     f"{b['seeds']} seed{'s' if b['seeds'] > 1 else ''}{edge})")
+        lines.append(
+            f"best for {key}: lr {b['lr']:g} (final held-out loss {b['final_eval_loss_mean']:.4f}, "
+            f"{b['seeds']} seed{'s' if b['seeds'] > 1 else ''}{edge})"
+        )
     own = cfg and summary["best"].get(f"{cfg.adapter.init}-r{cfg.adapter.r}")
     for key, b in summary["best"].items():
         if not own or b is own:

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_optimizer(name: str, on_cuda: bool) -> str:
-    """"auto" is paged AdamW 8-bit on CUDA and torch AdamW on CPU (paged optimizers need CUDA)."""
+    """ "auto" is paged AdamW 8-bit on CUDA and torch AdamW on CPU (paged optimizers need CUDA)."""
     if name == "auto":
         chosen = "paged_adamw_8bit" if on_cuda else "adamw_torch"
         why = "CUDA: paged 8-bit states" if on_cuda else "CPU: bitsandbytes' paged optimizers need CUDA"
@@ -58,16 +58,22 @@ def supports_chunked_ce(lm: nn.Module) -> bool:
     """A plain bias-free lm_head on ``lm.model``'s last hidden state, no logit soft-capping."""
     head = getattr(lm, "lm_head", None)
     cfg = getattr(lm, "config", None)
-    return (isinstance(head, nn.Linear) and head.bias is None and hasattr(lm, "model")
-            and getattr(cfg, "final_logit_softcapping", None) is None and getattr(cfg, "logit_scale", None) is None)
+    return (
+        isinstance(head, nn.Linear)
+        and head.bias is None
+        and hasattr(lm, "model")
+        and getattr(cfg, "final_logit_softcapping", None) is None
+        and getattr(cfg, "logit_scale", None) is None
+    )
 
 
 class QoloraTrainer(Trainer):
     """Trainer whose loss is chunked cross-entropy, whose saved activations can live on the CPU,
     and whose eval loss is token-weighted (as ``qolora eval``), not a mean of batch means."""
 
-    def __init__(self, *args: Any, ce_chunk: int | None = None, offload_activations: bool = False,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, ce_chunk: int | None = None, offload_activations: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.ce_chunk, self.offload = ce_chunk, offload_activations
 
@@ -76,18 +82,28 @@ class QoloraTrainer(Trainer):
         lm = causal_lm(model)
         labels = inputs["labels"][:, 1:]
         if self.ce_chunk and supports_chunked_ce(lm):
-            hidden = lm.model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).last_hidden_state
-            total = chunked_ce_sum(hidden[:, :-1].reshape(-1, hidden.shape[-1]), lm.lm_head.weight,
-                                   labels.reshape(-1), self.ce_chunk)
+            hidden = lm.model(
+                input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")
+            ).last_hidden_state
+            total = chunked_ce_sum(
+                hidden[:, :-1].reshape(-1, hidden.shape[-1]), lm.lm_head.weight, labels.reshape(-1), self.ce_chunk
+            )
         else:
             logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
-            total = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                    ignore_index=IGNORE, reduction="sum")
+            total = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels.reshape(-1),
+                ignore_index=IGNORE,
+                reduction="sum",
+            )
         return total, (labels != IGNORE).sum()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
-        offload = (torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
-                   if self.offload and model.training else contextlib.nullcontext())
+        offload = (
+            torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+            if self.offload and model.training
+            else contextlib.nullcontext()
+        )
         if not self.ce_chunk or not supports_chunked_ce(causal_lm(model)):
             with offload:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -98,8 +114,14 @@ class QoloraTrainer(Trainer):
         loss = total / torch.as_tensor(count, device=total.device).clamp_min(1)
         return (loss, {}) if return_outputs else loss
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,  # noqa: ANN001
-                        metric_key_prefix="eval"):
+    def evaluation_loop(
+        self,
+        dataloader,
+        description,
+        prediction_loss_only=None,
+        ignore_keys=None,  # noqa: ANN001
+        metric_key_prefix="eval",
+    ):
         """``<prefix>_loss`` = summed CE / label tokens over the whole eval set."""
         model = self._wrap_model(self.model, training=False, dataloader=dataloader)
         model.eval()
