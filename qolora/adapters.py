@@ -7,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from .choices import INIT_SOURCES
 from .initialize import init_olora_, iter_targets, restore_olora_
 from .precision import dtype_name
 from .report import InitReport
+
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ class QoloraState:
     report: InitReport | None = None
 
 
-def _init_kind(lora_config: Any) -> str:
+def _init_kind(lora_config: LoraConfig) -> str:
     init = lora_config.init_lora_weights
     if isinstance(init, str) and init.lower() == "olora":
         return "olora"
@@ -40,7 +43,7 @@ def _init_kind(lora_config: Any) -> str:
     raise ValueError(f"init_lora_weights: QOLoRA supports 'olora' and True/'lora', got {init!r}")
 
 
-def _check_config(lora_config: Any) -> None:
+def _check_config(lora_config: LoraConfig) -> None:
     if getattr(lora_config, "use_dora", False):
         raise ValueError("use_dora: DoRA is not supported with QOLoRA's OLoRA init; set use_dora=False")
     if getattr(lora_config, "lora_bias", False):
@@ -93,7 +96,7 @@ def _layer_shape(m: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def check_ranks(model: nn.Module, lora_config: Any) -> None:
+def check_ranks(model: nn.Module, lora_config: LoraConfig) -> None:
     """Check r against every layer ``lora_config`` targets, before PEFT allocates any factor.
 
     Raises:
@@ -137,13 +140,13 @@ def _check_base(model: nn.Module) -> None:
 
 def get_qolora_model(
     model: nn.Module,
-    lora_config: Any,
+    lora_config: LoraConfig,
     *,
     adapter_name: str = "default",
     init_source: str = "auto",
     checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
-) -> Any:
+) -> PeftModel:
     """Wrap ``model`` in a standard ``peft.PeftModel``, OLoRA-initialized exactly.
 
     A drop-in for ``peft.get_peft_model(model, LoraConfig(init_lora_weights="olora"))``, with
@@ -274,7 +277,7 @@ def load_adapter(
     checkpoint: str | os.PathLike[str] | None = None,
     device_map: Any = None,
     progress: bool = True,
-) -> Any:
+) -> PeftModel:
     """Load an adapter saved by ``save_adapter``: rebuild the residual base, attach the adapter.
 
     No QR runs: the residual is W − s·B0·A0 from the recorded source and initial factors, so

@@ -44,6 +44,11 @@ def _train(args: argparse.Namespace) -> int:
     from .training import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        from .config import commented_yaml
+
+        print(commented_yaml(cfg), end="")
+        return 0
     out = train(cfg, resume=args.resume)
     print(f"adapter written to {out}; metrics in {out.parent / 'metrics.json'}, plot in {out.parent / 'loss.png'}")
     return 0
@@ -176,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML config (see examples/demo.yaml)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    t.add_argument(
+        "--print-config", action="store_true", help="print the resolved config with each key's help; no training"
+    )
     t.set_defaults(func=_train)
     e = sub.add_parser("export", help="merged 16-bit model, or portable LoRA for the original base")
     e.add_argument("kind", choices=["merged", "lora"])

@@ -20,15 +20,25 @@ from .choices import DTYPE_NAMES, INIT_SOURCES, INITS, QUANT_TYPES, TRAIN_OPTIMI
 CONFIG_VERSION = 1
 
 
+def _f(default: Any, help: str) -> Any:
+    """A config field with its one-line help (shown by ``qolora train --print-config``)."""
+    return field(default=default, metadata={"help": help})
+
+
 class ConfigError(ValueError):
     """A bad config key or value; the message names the field."""
 
 
 @dataclass
 class QuantConfig:
-    type: Literal[QUANT_TYPES] = "nf4"
-    double_quant: bool = True
-    compute_dtype: str = "auto"
+    type: Literal[QUANT_TYPES] = _f(
+        "nf4", "4-bit quantization of the base: nf4 (QLoRA's), fp4, or none (unquantized base)"
+    )
+    double_quant: bool = _f(True, "quantize the 4-bit blocks' absmax statistics too (QLoRA's double quantization)")
+    compute_dtype: str = _f(
+        "auto",
+        "dtype of 4-bit matmuls: auto (bf16 on CUDA, fp16 on older CUDA, fp32 on CPU), float32, bfloat16, float16",
+    )
 
     def __post_init__(self) -> None:
         if self.compute_dtype not in ("auto", *DTYPE_NAMES):
@@ -39,12 +49,17 @@ class QuantConfig:
 
 @dataclass
 class AdapterConfig:
-    init: Literal[INITS] = "olora"
-    r: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: str | list[str] = "all-linear"
-    init_source: Literal[INIT_SOURCES] = "auto"
+    init: Literal[INITS] = _f(
+        "olora", "adapter init: olora (QR of the original weight) or lora (PEFT's default: B = 0)"
+    )
+    r: int = _f(16, "adapter rank")
+    alpha: float = _f(16.0, "LoRA alpha; the adapter's scale is alpha / r")
+    dropout: float = _f(0.0, "dropout on the adapter's input, in [0, 1)")
+    target_modules: str | list[str] = _f("all-linear", "all-linear, or a list of module names to adapt")
+    init_source: Literal[INIT_SOURCES] = _f(
+        "auto",
+        "source of OLoRA's W: auto (the original checkpoint, else the dequantized copy), checkpoint, dequantized",
+    )
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -57,17 +72,21 @@ class AdapterConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""
-    eval: str | None = None
-    format: Literal["auto", "alpaca", "chat", "prompt_completion", "text"] = "auto"
-    template: Literal["auto", "chat", "plain"] = "auto"
-    max_length: int = 512
-    packing: bool = False
-    completion_only: bool = True
-    skip_bad_rows: bool = False
-    eval_fraction: float = 0.05
-    max_train_rows: int | None = None
-    max_eval_rows: int | None = None
+    train: str = _f("", "training data: a json, jsonl, csv or parquet file, or a saved dataset dir (required)")
+    eval: str | None = _f(None, "held-out data in the same formats; default: data.eval_fraction of the training rows")
+    format: Literal["auto", "alpaca", "chat", "prompt_completion", "text"] = _f(
+        "auto", "row format: auto (detected), alpaca, chat, prompt_completion, text"
+    )
+    template: Literal["auto", "chat", "plain"] = _f(
+        "auto", "prompt rendering: auto (the tokenizer's chat template if it has one), chat, plain"
+    )
+    max_length: int = _f(512, "tokens per example; longer examples are truncated and counted")
+    packing: bool = _f(False, "concatenate examples into max_length blocks")
+    completion_only: bool = _f(True, "take the loss on completions (assistant turns) only, not on prompts")
+    skip_bad_rows: bool = _f(False, "count and skip invalid rows instead of stopping at the first one")
+    eval_fraction: float = _f(0.05, "share of training rows held out when data.eval is not set, in (0, 1)")
+    max_train_rows: int | None = _f(None, "use at most this many training rows")
+    max_eval_rows: int | None = _f(None, "use at most this many eval rows")
 
     def __post_init__(self) -> None:
         if not self.train:
@@ -80,25 +99,31 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/qolora"
-    max_steps: int = -1
-    epochs: float = 1.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float | Literal["auto"] = "auto"  # auto: per adapter init and rank (training/lr.py)
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    optimizer: Literal[TRAIN_OPTIMIZERS] = "auto"
-    gradient_checkpointing: bool = True
-    chunked_ce: bool = True
-    ce_chunk: int = 1024
-    offload_activations: bool = False
-    seed: int = 0
-    save_steps: int = 100
-    save_total_limit: int = 2
-    eval_steps: int = 100
-    logging_steps: int = 10
-    kernel_check: bool = True  # compare a 4-bit layer with its fp32 twin on this device before step 1
+    output_dir: str = _f("runs/qolora", "run folder: checkpoints, adapter/, metrics.json, loss.png, config.yaml")
+    max_steps: int = _f(-1, "optimizer steps; -1 trains for train.epochs")
+    epochs: float = _f(1.0, "passes over the data when max_steps is -1")
+    batch_size: int = _f(4, "examples per device batch")
+    grad_accum: int = _f(1, "batches accumulated per optimizer step")
+    lr: float | Literal["auto"] = _f(
+        "auto", "peak learning rate, or auto: the measured best for the adapter init and rank (training/lr.py)"
+    )
+    warmup_ratio: float = _f(0.03, "share of steps spent warming the lr up (then cosine decay)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    optimizer: Literal[TRAIN_OPTIMIZERS] = _f(
+        "auto", "auto (paged AdamW 8-bit on CUDA, torch AdamW on CPU), paged_adamw_8bit, paged_adamw_32bit, adamw_torch"
+    )
+    gradient_checkpointing: bool = _f(
+        True, "recompute activations in backward (non-reentrant): less memory, ~25% more time"
+    )
+    chunked_ce: bool = _f(True, "compute the LM-head loss in chunks, never the full [tokens, vocab] logits")
+    ce_chunk: int = _f(1024, "rows per chunked-CE chunk")
+    offload_activations: bool = _f(False, "keep saved activations in CPU memory during the forward pass")
+    seed: int = _f(0, "seed of init, dropout and data order")
+    save_steps: int = _f(100, "checkpoint every N steps (a --resume continues from the latest)")
+    save_total_limit: int = _f(2, "checkpoints kept")
+    eval_steps: int = _f(100, "token-weighted held-out loss every N steps (and at step 0)")
+    logging_steps: int = _f(10, "log the training loss every N steps")
+    kernel_check: bool = _f(True, "check a 4-bit layer against its fp32 twin on this device before step 1")
 
     def __post_init__(self) -> None:
         for name in (
@@ -122,12 +147,12 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    model: str = ""
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    version: int = CONFIG_VERSION
+    model: str = _f("", "a local HF model folder, or a hub id in the local cache (required)")
+    quant: QuantConfig = field(default_factory=QuantConfig, metadata={"help": "how the base is quantized"})
+    adapter: AdapterConfig = field(default_factory=AdapterConfig, metadata={"help": "the adapter"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "training and held-out data"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the training run"})
+    version: int = _f(CONFIG_VERSION, "config format version")
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -274,3 +299,42 @@ def dump_config(cfg: Config, path: str | os.PathLike[str]) -> None:
     from ._io import write_text_atomic
 
     write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def field_help(cls: type | None = None, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every leaf field, in declaration order."""
+    cls = cls or Config
+    rows = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            rows += field_help(f.default_factory, key + ".")
+        else:
+            rows.append((key, f.default, f.metadata.get("help", "")))
+    return rows
+
+
+def key_table() -> str:
+    """The README's config-key table, generated from the fields' help."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default, help in field_help():
+        shown = "(required)" if default == "" else f"`{default}`" if default is not None else "`null`"
+        lines.append(f"| `{key}` | {shown} | {help} |")
+    return "\n".join(lines)
+
+
+def commented_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, each key with its help as a comment (``--print-config``)."""
+    helps = {key: help for key, _, help in field_help()}
+    sections = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(Config)}
+    out = []
+    for name, value in to_dict(cfg).items():
+        if isinstance(value, dict):
+            out.append(f"{name}:  # {sections[name]}")
+            for k, v in value.items():
+                line = "  " + yaml.safe_dump({k: v}, default_flow_style=True, width=10**6).strip()[1:-1]
+                out.append(f"{line}  # {helps[f'{name}.{k}']}")
+        else:
+            line = yaml.safe_dump({name: value}, default_flow_style=True, width=10**6).strip()[1:-1]
+            out.append(f"{line}  # {helps[name]}")
+    return "\n".join(out) + "\n"

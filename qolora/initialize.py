@@ -1,7 +1,7 @@
 """Per-layer OLoRA initialization of a PEFT LoRA model, and its exact replay at reload.
 
 Each target layer is handled on its own: fetch W (one tensor), factor, write the residual,
-drop W. Extra memory is therefore about one layer's float32 weight (DESIGN invariant 5).
+drop W. Extra memory is therefore about one layer's float32 weight (docs/design.md, invariant 5).
 """
 
 from __future__ import annotations
@@ -265,7 +265,7 @@ def restore_olora_(
     progress: bool = True,
     origin: str = "initial factors",
 ) -> None:
-    """Rebuild the residual base from recorded initial factors: no QR (DESIGN invariant 6).
+    """Rebuild the residual base from recorded initial factors: no QR (docs/design.md, invariant 6).
 
     Replays exactly what ``init_olora_`` did per layer, with the same source for W, so the
     base is bit-identical to the one the adapter was trained on.

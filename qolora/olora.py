@@ -66,7 +66,7 @@ def subtract_lowrank_(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: 
 
     Note:
         The residual is computed from the factors *as stored* (after any cast to the adapter
-        dtype), so base + scale·B·A reproduces W up to the base's own rounding (DESIGN
+        dtype), so base + scale·B·A reproduces W up to the base's own rounding (docs/design.md,
         invariant 2). Casting after computing the residual would bake the cast error in.
     """
     return W.addmm_(B.to(W.dtype), A.to(W.dtype), alpha=-float(scale))

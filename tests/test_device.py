@@ -1,5 +1,5 @@
 """Same results on every device: bitsandbytes' packed CPU eval path stays off, the base never
-moves (design invariant 9), and the kernel self-check catches a wrong 4-bit path (invariant 10).
+moves (docs/design.md, invariant 9), and the kernel self-check catches a wrong 4-bit path (invariant 10).
 
 The tests marked ``needs_avx512bf16`` guard against the repacking that bitsandbytes 0.50.2 does
 only on CPUs with AVX512-BF16; elsewhere they would pass without proving anything, so they skip

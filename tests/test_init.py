@@ -171,7 +171,7 @@ def test_bf16_adapter_residual_uses_stored_factors(llama_dir) -> None:
 
 
 def test_init_streams_one_layer_at_a_time(llama_dir, monkeypatch) -> None:
-    """Each layer's W is freed before the next is fetched (DESIGN invariant 5)."""
+    """Each layer's W is freed before the next is fetched (docs/design.md, invariant 5)."""
     alive: list[weakref.ref] = []
     peak = 0
     orig = WeightSource.get

@@ -53,7 +53,7 @@ def test_train_logs_the_resolved_lr(chat_model_dir, tmp_path, monkeypatch) -> No
     add_trainer_callback(monkeypatch, Grab())
     train(cfg)
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert m["lr"] == {"value": AUTO_LR[("olora", 16)], "why": "the olora r16 sweep's best (nearest rank to 4)"}
+    assert m["lr"] == {"value": AUTO_LR[("olora", 16)], "why": "the olora r16 entry of AUTO_LR (nearest rank to 4)"}
     assert seen == [AUTO_LR[("olora", 16)]]
 
 

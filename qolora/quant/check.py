@@ -1,5 +1,5 @@
 """A kernel self-check: trust a 4-bit layer's forward and backward on this device only after
-comparing them with the same layer dequantized to fp32 (DESIGN invariant 10)."""
+comparing them with the same layer dequantized to fp32 (docs/design.md, invariant 10)."""
 
 from __future__ import annotations
 

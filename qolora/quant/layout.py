@@ -1,4 +1,4 @@
-"""Keep every 4-bit layer in bitsandbytes' standard layout, on every device (DESIGN
+"""Keep every 4-bit layer in bitsandbytes' standard layout, on every device (docs/design.md,
 invariant 9), and find the layers bitsandbytes cannot run where the model will live.
 
 bitsandbytes 0.50.2 repacks a ``Linear4bit`` on its first eval-mode, no-grad forward on a CPU

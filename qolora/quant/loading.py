@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -12,6 +12,9 @@ from torch import nn
 from ..precision import parse_dtype, resolve_compute_dtype
 from .layout import keep_standard_layout_, skip_for_device
 from .source import resolve_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +80,7 @@ def load_quantized(
     skip_modules: list[str] | None = None,
     trust_remote_code: bool = False,
     **kwargs: Any,
-) -> nn.Module:
+) -> PreTrainedModel:
     """Load a causal LM with its linear layers in 4-bit NF4 (double quantization on by default).
 
     Args:
@@ -150,7 +153,7 @@ def load_base(
     double_quant: bool = True,
     skip_modules: list[str] | None = None,
     device_map: Any = None,
-) -> nn.Module:
+) -> PreTrainedModel:
     """The one base-model loader of ``qolora train``, ``qolora init`` and adapter reloads.
 
     ``quant_type`` "nf4"/"fp4": ``load_quantized``; "none": unquantized, in ``dtype`` (default:

@@ -2,7 +2,7 @@
 
 A 4-bit model no longer holds its original weights. QOLoRA reads each target weight back
 from the checkpoint's safetensors files, one tensor at a time and memory-mapped, so the QR
-runs on the original weight and the residual is quantized once (DESIGN invariant 4).
+runs on the original weight and the residual is quantized once (docs/design.md, invariant 4).
 """
 
 from __future__ import annotations

@@ -2,15 +2,19 @@
 
 OLoRA's A = R[:r] starts at the scale of W while LoRA's B starts at zero, so the same Adam lr
 moves an OLoRA adapter much further: its best lr is lower (about 18x lower than LoRA's in Lee
-et al., arXiv 2602.04998). The table holds the best lr of ``qolora sweep`` on the demo model
-(BENCHMARKS.md, "OLoRA at its own best learning rate"), measured at alpha = r (LoRA scale 1).
+et al., arXiv 2602.04998). The table is for alpha = r (LoRA scale 1), from ``qolora sweep`` on
+the 4-bit demo model where measured.
 """
 
 from __future__ import annotations
 
 import math
 
-# (init, rank) -> best lr of the 4-bit demo sweep; see BENCHMARKS.md for the grid and seeds.
+# (init, rank) -> lr. Provisional until the 3-seed sweep of benchmarks/lr_sweep.py is complete
+# (BENCHMARKS.md, "OLoRA at its own best learning rate" says which cells are measured):
+# olora r16: best of the chatterbot sweep so far (3e-4: final held-out loss 1.317, 1e-4: 1.380);
+# lora r16: the issue's first look (1e-3 beat OLoRA's 1e-3); r64: OLoRA was unstable at 1e-3
+# (eval 3.45 at step 10), so one grid step lower; LoRA's B = 0 start does not grow with r.
 AUTO_LR: dict[tuple[str, int], float] = {
     ("olora", 16): 3e-4,
     ("olora", 64): 1e-4,
@@ -23,16 +27,16 @@ def _by_rank(init: str, r: int) -> tuple[float, str]:
     ranks = sorted(k for i, k in AUTO_LR if i == init)
     if r <= ranks[0] or r >= ranks[-1]:
         near = ranks[0] if r <= ranks[0] else ranks[-1]
-        return AUTO_LR[(init, near)], f"the {init} r{near} sweep's best" + (
+        return AUTO_LR[(init, near)], f"the {init} r{near} entry of AUTO_LR" + (
             "" if near == r else f" (nearest rank to {r})"
         )
     lo = max(k for k in ranks if k <= r)
     hi = min(k for k in ranks if k >= r)
     if lo == hi:
-        return AUTO_LR[(init, r)], f"the {init} r{r} sweep's best"
+        return AUTO_LR[(init, r)], f"the {init} r{r} entry of AUTO_LR"
     t = (math.log(r) - math.log(lo)) / (math.log(hi) - math.log(lo))
     lr = math.exp((1 - t) * math.log(AUTO_LR[(init, lo)]) + t * math.log(AUTO_LR[(init, hi)]))
-    return lr, f"log-interpolated between the {init} r{lo} and r{hi} sweeps' best"
+    return lr, f"log-interpolated between the {init} r{lo} and r{hi} entries of AUTO_LR"
 
 
 def resolve_lr(lr: float | str, init: str, r: int, alpha: float) -> tuple[float, str]:
