@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from .._io import save_figure_atomic, write_json_atomic
-from ..adapter_dir import META_FILE
 from ..choices import INITS
 from ..config import Config, dump_config
-from .run import FINAL_ADAPTER, latest_checkpoint, train
+from .run import is_finished, latest_checkpoint, train
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ def train_once(cfg: Config, name: str) -> dict[str, Any]:
     """
     run_dir = Path(cfg.train.output_dir)
     metrics = run_dir / "metrics.json"
-    if (run_dir / FINAL_ADAPTER / META_FILE).is_file():
+    if is_finished(run_dir):
         logger.info("%s is finished; reusing it", name)
     else:
         logger.info("training %s", name)

@@ -37,6 +37,11 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def is_finished(run_dir: Path) -> bool:
+    """The run wrote its final adapter (its qolora.json is written last, atomically)."""
+    return (run_dir / FINAL_ADAPTER / META_FILE).is_file()
+
+
 def load_tokenizer(model: str) -> Any:
     from transformers import AutoTokenizer
 

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from .._io import save_figure_atomic, write_json_atomic
-from ..adapter_dir import META_FILE
 from ..choices import INITS
 from ..config import Config, ConfigError, dump_config
 from .compare import train_once
-from .run import FINAL_ADAPTER
+from .run import is_finished
 
 logger = logging.getLogger(__name__)
 
@@ -179,9 +178,9 @@ def sweep(
         t = c.train
         t.lr, t.seed, t.max_steps, t.output_dir = lr, seed, steps, str(out / name)
         t.eval_steps, t.logging_steps = eval_every(steps, t.eval_steps), 1
-        finished = (out / name / FINAL_ADAPTER / META_FILE).is_file()
+        finished = is_finished(out / name)
         if not finished:
-            left = sum(1 for g in grid[i - 1 :] if not (out / run_name(*g) / FINAL_ADAPTER / META_FILE).is_file())
+            left = sum(1 for g in grid[i - 1 :] if not is_finished(out / run_name(*g)))
             eta = f"; about {statistics.fmean(took) * left / 60:.0f} min left" if took else ""
             logger.info("sweep: run %d of %d: %s (%d to train%s)", i, len(grid), name, left, eta)
         t0 = time.perf_counter()
