@@ -4,6 +4,7 @@ Three phases, each resumable (finished runs are reused), all on the demo model i
 
     python benchmarks/lr_sweep.py grid     # qolora sweep on chatterbot per rank: each init over its lrs, seed 0
     python benchmarks/lr_sweep.py seeds    # each init at its best lr, seeds 0-2, on chatterbot and pydoc
+    python benchmarks/lr_sweep.py balance  # OLoRA with adapter.olora_balance over the same lrs, against plain OLoRA
     python benchmarks/lr_sweep.py report   # forget evals, mean ± spread, plots, BENCHMARKS.md rows
 
 Needs `qolora prepare-demo --out demo`. Runs go to runs/lr/, plots and JSON to benchmarks/results/lr/.
@@ -38,11 +39,12 @@ RUNS, RESULTS = Path("runs/lr"), Path("benchmarks/results/lr")
 INITS = ["olora", "lora"]
 
 
-def config(ds: str, steps: int, eval_rows: int) -> Any:
+def config(ds: str, steps: int, eval_rows: int, *extra: str) -> Any:
     train, ev = DATASETS[ds]
     return load_config(
         "examples/demo.yaml",
         [
+            *extra,
             f"data.train={train}",
             f"data.eval={ev}",
             f"data.max_eval_rows={eval_rows}",
@@ -71,6 +73,54 @@ def grid(args: argparse.Namespace) -> dict[str, Any]:
         for ext in ("json", "png"):
             shutil.copy(out / f"sweep.{ext}", RESULTS / f"chatterbot-sweep-r{r}.{ext}")
     return s
+
+
+def balance(args: argparse.Namespace) -> None:
+    """Attempt at a less lr-sensitive OLoRA: balanced factors over plain OLoRA's lrs, seed 0, against the grid.
+
+    Sensitivity is the spread of final held-out loss over the lrs (max − min): lower wins, provided the
+    best loss is no worse.
+    """
+    lrs = [float(x) for x in args.olora_lrs.split(",")]
+    rows = []
+    for r in args.ranks:
+        out = RUNS / f"chatterbot-balance-r{r}"
+        cfg = config("chatterbot", args.steps, args.eval_rows, "adapter.olora_balance=true")
+        bal = sweep(cfg, {f"olora-r{r}": lrs}, ["olora"], [r], [0], args.steps, out)
+        plain = json.loads((RESULTS / f"chatterbot-sweep-r{r}.json").read_text())
+        res: dict[str, Any] = {"lrs": lrs, "rank": r}
+        for label, s in (("plain", plain), ("balanced", bal)):
+            finals = {
+                m["lr"]: m["final_eval_loss"]
+                for m in s["runs"].values()
+                if m["init"] == "olora" and m["r"] == r and m["lr"] in lrs and m.get("final_eval_loss") is not None
+            }
+            res[label] = {"final_eval_loss": {f"{k:g}": v for k, v in sorted(finals.items())}}
+            if len(finals) == len(lrs):
+                res[label]["spread"] = max(finals.values()) - min(finals.values())
+                res[label]["best"] = min(finals.values())
+        write_json_atomic(RESULTS / f"chatterbot-balance-r{r}.json", res)
+        p, b = res["plain"], res["balanced"]
+        nan = float("nan")
+        pf, bf = p["final_eval_loss"], b["final_eval_loss"]
+        cells = " / ".join(f"{pf.get(f'{x:g}', nan):.3f} → {bf.get(f'{x:g}', nan):.3f}" for x in lrs)
+        rows.append(
+            _common.row(
+                f"chatterbot, r={r}, {args.steps} steps x 8, seed 0",
+                ", ".join(f"{x:g}" for x in lrs),
+                cells,
+                f"{p.get('spread', float('nan')):.3f} → {b.get('spread', float('nan')):.3f}",
+                f"{p.get('best', float('nan')):.3f} → {b.get('best', float('nan')):.3f}",
+                f"`{_common.command()}`",
+                _common.machine(),
+                _common.today(),
+            )
+        )
+    print(
+        "| run | lrs | final held-out loss per lr (plain → balanced) | spread over lrs | best | command | machine "
+        "| date |"
+    )
+    print("\n".join(rows))
 
 
 def best_lrs(ranks: list[int]) -> dict[str, list[float]]:
@@ -240,7 +290,7 @@ def plot_frontier(runs: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("phase", choices=["grid", "seeds", "report"])
+    ap.add_argument("phase", choices=["grid", "seeds", "balance", "report"])
     ap.add_argument("--olora-lrs", default="1e-4,3e-4,1e-3")
     ap.add_argument("--lora-lrs", default="3e-4,1e-3,3e-3")
     ap.add_argument("--ranks", type=lambda t: [int(x) for x in t.split(",")], default=[16, 64])
@@ -248,7 +298,7 @@ def main() -> None:
     ap.add_argument("--eval-rows", type=int, default=64)
     ap.add_argument("--datasets", default="chatterbot,pydoc")
     args = ap.parse_args()
-    {"grid": grid, "seeds": seeds, "report": report}[args.phase](args)
+    {"grid": grid, "seeds": seeds, "balance": balance, "report": report}[args.phase](args)
 
 
 if __name__ == "__main__":

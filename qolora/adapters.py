@@ -146,6 +146,7 @@ def get_qolora_model(
     init_source: str = "auto",
     checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    balance: bool = False,
 ) -> PeftModel:
     """Wrap ``model`` in a standard ``peft.PeftModel``, OLoRA-initialized exactly.
 
@@ -161,6 +162,8 @@ def get_qolora_model(
         init_source: "auto", "checkpoint" or "dequantized" (see ``WeightSource``).
         checkpoint: folder of the original safetensors, if not the model's own.
         progress: show a progress bar.
+        balance: rescale each OLoRA component to equal factor norms (``olora.balance_factors``):
+            the same B·A and base, factors no longer equal PEFT's. Ignored for plain LoRA.
 
     Returns:
         A ``peft.PeftModel``; ``model.qolora_states[adapter_name].report`` is the init report.
@@ -178,7 +181,7 @@ def get_qolora_model(
     peft_model = get_peft_model(model, cfg, adapter_name=adapter_name)
     peft_model.peft_config[adapter_name].init_lora_weights = lora_config.init_lora_weights
     if kind == "olora":
-        result = init_olora_(peft_model, adapter_name, init_source, checkpoint, progress)
+        result = init_olora_(peft_model, adapter_name, init_source, checkpoint, progress, balance)
         meta = _base_meta(model, kind, init_source, result.checkpoint)
         meta.layer_sources = {x.name: x.source for x in result.report.layers}
         meta.transposed = sorted(result.transposed)

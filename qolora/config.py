@@ -60,6 +60,9 @@ class AdapterConfig:
         "auto",
         "source of OLoRA's W: auto (the original checkpoint, else the dequantized copy), checkpoint, dequantized",
     )
+    olora_balance: bool = _f(
+        False, "olora only: rescale B and A per component to equal norms (same product and base; see BENCHMARKS.md)"
+    )
 
     def __post_init__(self) -> None:
         if self.r < 1:

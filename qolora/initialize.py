@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import quant
 from .choices import INIT_SOURCES
-from .olora import check_rank, olora_factors, subtract_lowrank_
+from .olora import balance_factors, check_rank, olora_factors, subtract_lowrank_
 from .report import InitReport, LayerReport
 
 logger = logging.getLogger(__name__)
@@ -205,11 +205,13 @@ def init_olora_(
     init_source: str = "auto",
     checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    balance: bool = False,
 ) -> InitResult:
     """OLoRA-initialize every LoRA layer of ``adapter_name``; rewrites the frozen base in place.
 
-    Per layer: W from ``WeightSource``; B, A = ``olora_factors(W, r)`` cast to the adapter
-    dtype; base ← W − s·B·A (quantized once on a 4-bit base).
+    Per layer: W from ``WeightSource``; B, A = ``olora_factors(W, r)`` (with ``balance``, then
+    ``balance_factors``: same product, rescaled per component) cast to the adapter dtype;
+    base ← W − s·B·A (quantized once on a 4-bit base).
 
     Note:
         The reported error uses ‖W_res − base‖, which equals ‖W − (base + s·B·A)‖ up to the
@@ -230,6 +232,8 @@ def init_olora_(
         qlora_err = _rel(W4.sub_(W), w_norm) if W4 is not None else 0.0
         del W4
         B, A = olora_factors(W, r)
+        if balance:
+            B, A = balance_factors(B, A)
         lora_A, lora_B = t.lora.lora_A[adapter_name].weight, t.lora.lora_B[adapter_name].weight
         lora_A.data = A.to(device=lora_A.device, dtype=lora_A.dtype)
         lora_B.data = B.to(device=lora_B.device, dtype=lora_B.dtype)

@@ -57,6 +57,31 @@ def olora_factors(W: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     return B.contiguous(), A.contiguous()
 
 
+def balance_factors(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale each rank-1 component, B[:, j]·c_j and A[j]/c_j, so that both have about equal norm.
+
+    c_j = 2^round(log2 √(‖A_j‖ / ‖B_j‖)): a power of two, so both scalings are exact in binary
+    floating point (no overflow or subnormals at these magnitudes) and B·A is bit-identical; the
+    residual, and so the 4-bit base, does not change. Among all c with the same product this one
+    (up to the power-of-two rounding) minimises ‖B_j‖ + ‖A_j‖, which sets how far one Adam step
+    moves B·A: OLoRA's A = R[:r] sits at the scale of W (row norms 1-55 on SmolLM2-135M against
+    B's unit columns), so the same lr moves some layers' product tens of times further than
+    others'.
+
+    Args:
+        B: (out, r) and A: (r, in), any float dtype; components with a zero factor stay as they are.
+
+    Returns:
+        (B·c, A/c) in the input dtypes.
+    """
+    b = torch.linalg.vector_norm(B.float(), dim=0)
+    a = torch.linalg.vector_norm(A.float(), dim=1)
+    ok = (a > 0) & (b > 0)
+    ratio = torch.where(ok, a / torch.where(ok, b, 1.0), 1.0)
+    c = torch.exp2(torch.round(0.5 * torch.log2(ratio)))
+    return (B * c.to(B.dtype)).contiguous(), (A / c.to(A.dtype)[:, None]).contiguous()
+
+
 def subtract_lowrank_(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float) -> torch.Tensor:
     """W ← W − scale·B·A, in place, in W's dtype (callers pass float32).
 

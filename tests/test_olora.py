@@ -67,3 +67,21 @@ def test_residual_uses_stored_factors() -> None:
     # Computing the residual from the fp32 factors and casting them afterwards is off by the cast.
     wrong = subtract_lowrank_(W.clone(), B, A, 2.0) + 2.0 * (Bs.float() @ As.float())
     assert (wrong - W).abs().max() > 1e-4
+
+
+def test_balance_factors_keeps_the_product_bit_identical_and_evens_the_norms() -> None:
+    from qolora.olora import balance_factors
+
+    W = torch.randn(96, 64) * torch.logspace(0, 2, 64)  # columns from 1 to 100: A's rows far above B's unit columns
+    B, A = olora_factors(W, 8)
+    Bb, Ab = balance_factors(B, A)
+    assert torch.equal(Bb @ Ab, B @ A)  # power-of-two scaling: exact
+    b, a = Bb.norm(dim=0), Ab.norm(dim=1)
+    assert ((a / b).log2().abs() <= 1.0 + 1e-6).all()  # equal up to the power-of-two rounding (factor 2 in ratio)
+    assert (A.norm(dim=1) > 4).all()  # it did rescale
+    # a zero component is left alone, and bf16 factors stay bf16 with the same exact product
+    A[3] = 0
+    Bz, Az = balance_factors(B.bfloat16(), A.bfloat16())
+    assert Bz.dtype == Az.dtype == torch.bfloat16
+    assert torch.equal(Bz[:, 3], B.bfloat16()[:, 3])
+    assert torch.equal(Bz.float() @ Az.float(), B.bfloat16().float() @ A.bfloat16().float())

@@ -164,3 +164,22 @@ def test_format_1_dirs_still_load_and_take_data_settings_from_the_run(base_copy,
     path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="format_version 3 is not supported"):
         read_adapter_dir(path.parent)
+
+
+def test_balanced_olora_keeps_the_4bit_base_and_reloads_exactly(base_copy, tmp_path, tokens) -> None:
+    plain = qolora.get_qolora_model(quant.load_quantized(base_copy), _cfg(), progress=False)
+    bal = qolora.get_qolora_model(quant.load_quantized(base_copy), _cfg(), progress=False, balance=True)
+    n = 0
+    for (name, m), (_, mb) in zip(plain.named_modules(), bal.named_modules(), strict=True):
+        if quant.is_4bit(m):
+            assert torch.equal(m.weight.data, mb.weight.data), name  # same product, so the same residual bytes
+            n += 1
+    assert n == 14
+    lyr = bal.base_model.model.model.layers[0].self_attn.q_proj
+    ref = plain.base_model.model.model.layers[0].self_attn.q_proj
+    assert not torch.equal(lyr.lora_A["default"].weight, ref.lora_A["default"].weight)
+    assert torch.allclose(logits(bal, tokens), logits(plain, tokens), atol=1e-5, rtol=0)
+    model = perturb_lora_(bal)
+    want = logits(model, tokens)
+    out = qolora.save_adapter(model, tmp_path / "adapter")
+    assert torch.equal(logits(qolora.load_adapter(out, progress=False), tokens), want)

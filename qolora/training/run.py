@@ -128,7 +128,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
     prepare_for_training_(base, cfg.train.gradient_checkpointing)
     fresh = not (resume and (out / INITIAL_ADAPTER / META_FILE).is_file())
     if fresh:
-        model = get_qolora_model(base, lora_config(cfg), init_source=cfg.adapter.init_source)
+        model = get_qolora_model(
+            base, lora_config(cfg), init_source=cfg.adapter.init_source, balance=cfg.adapter.olora_balance
+        )
     else:
         model = load_adapter(out / INITIAL_ADAPTER, base, is_trainable=True)  # exact base, no QR
     d = cfg.data  # recorded in qolora.json, so eval and export read them from the adapter itself
