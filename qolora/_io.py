@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 
+class ExternalToolError(RuntimeError):
+    """An outside tool QOLoRA runs (pip, llama.cpp's converter or quantizer) failed or is missing; one line."""
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike[str], replace: bool = True) -> Iterator[Path]:
     """Yield a temporary dir beside ``out``; on success it becomes ``out`` (replacing it if

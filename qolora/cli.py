@@ -10,7 +10,8 @@ import time
 from collections.abc import Sequence
 
 from . import __version__
-from .choices import INIT_SOURCES, INITS, OPTIMIZERS
+from ._io import ExternalToolError
+from .choices import GGUF_TYPES, INIT_SOURCES, INITS, OPTIMIZERS
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -55,9 +56,22 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_lora, export_merged
+    from .export import export_gguf, export_lora, export_merged
 
-    if args.kind == "merged":
+    if args.kind == "gguf":
+        print(
+            export_gguf(
+                args.adapter_dir,
+                args.out_dir,
+                type=args.type,
+                mode=args.mode,
+                llama_cpp=args.llama_cpp,
+                name=args.name,
+                overwrite=args.overwrite,
+                checkpoint=args.checkpoint,
+            )
+        )
+    elif args.kind == "merged":
         result = export_merged(
             args.adapter_dir,
             args.out_dir,
@@ -185,11 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--print-config", action="store_true", help="print the resolved config with each key's help; no training"
     )
     t.set_defaults(func=_train)
-    e = sub.add_parser("export", help="merged 16-bit model, or portable LoRA for the original base")
-    e.add_argument("kind", choices=["merged", "lora"])
+    e = sub.add_parser("export", help="merged 16-bit model, portable LoRA for the original base, or GGUF")
+    e.add_argument("kind", choices=["merged", "lora", "gguf"])
     e.add_argument("adapter_dir")
-    e.add_argument("out_dir")
-    e.add_argument("--mode", choices=["trained", "original"], default="trained", help="merged: which model to write")
+    e.add_argument("out_dir", help="output folder (merged, lora) or .gguf file (gguf)")
+    e.add_argument(
+        "--mode", choices=["trained", "original"], default="trained", help="merged, gguf: which model to write"
+    )
+    e.add_argument("--type", choices=GGUF_TYPES, default="f16", help="gguf: tensor type")
+    e.add_argument("--llama-cpp", default=None, help="gguf: llama.cpp folder with convert_hf_to_gguf.py")
+    e.add_argument("--name", default=None, help="gguf: general.name (default: '<base> QOLoRA')")
     e.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16", help="merged: output dtype")
     e.add_argument("--max-shard-gb", type=float, default=2.0, help="merged: output shard size")
     e.add_argument("--checkpoint", default=None, help="base checkpoint folder, if it moved")
@@ -264,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return int(args.func(args))
-    except (ValueError, OSError) as e:  # FileNotFoundError and FileExistsError are OSErrors
+    except (ValueError, OSError, ExternalToolError) as e:  # FileNotFoundError and FileExistsError are OSErrors
         msg = " ".join(str(e).split())  # one line, also for libraries' multi-line messages
         print(f"qolora {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -203,3 +203,59 @@ def base_copy(llama_dir: Path, tmp_path: Path) -> Path:
     d = tmp_path / "base"
     shutil.copytree(llama_dir, d)
     return d
+
+
+def make_bpe_tokenizer():
+    """A tiny Llama-2-style BPE tokenizer (byte fallback, "▁" for spaces), built in memory.
+
+    llama.cpp's converter takes this kind (its LlamaHfVocab path) without a known pre-tokenizer
+    hash, which a made-up byte-level BPE would need.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)])}
+    for ch in ["▁", *sorted(set("".join(WORDS)))]:
+        vocab.setdefault(ch, len(vocab))
+    merges = []
+    for w in WORDS:
+        cur = "▁"
+        for ch in w:
+            merges.append((cur, ch))
+            cur += ch
+            vocab.setdefault(cur, len(vocab))
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=list(dict.fromkeys(merges)), unk_token="<unk>", byte_fallback=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    chat = ["<|im_start|>", "<|im_end|>"]
+    pad = [f"<|reserved_{i}|>" for i in range(-(len(tk.get_vocab()) + 2) % 64)]  # 64 | vocab: bitsandbytes' kernels
+    tok.add_special_tokens({"additional_special_tokens": chat + pad})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="session")
+def bpe_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama (4 heads, 2 kv heads) with a BPE tokenizer and a chat template: what GGUF export needs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("bpe_model")
+    tok = make_bpe_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(99)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

@@ -192,7 +192,25 @@ def _write_side_files(parts: AdapterDir, tmp: Path, out_dtype: torch.dtype, mode
     for f in parts.checkpoint.iterdir():
         if f.is_file() and f.name not in _SKIP_FILES and not f.name.endswith(_SKIP_SUFFIXES):
             shutil.copy2(f, tmp / f.name)
+    tok_cfg = tmp / "tokenizer_config.json"
+    if tok_cfg.is_file() and (tmp / "tokenizer.json").is_file():
+        tok_cfg.write_text(json.dumps(portable_tokenizer_config(json.loads(tok_cfg.read_text())), indent=2) + "\n")
     (tmp / "README.md").write_text(model_card(parts, mode, out_dtype))
+
+
+# Tokenizer classes transformers 5 writes that transformers 4.x cannot resolve: 4.x looks the name up
+# among its own classes and fails with "Tokenizer class TokenizersBackend does not exist". Both lines
+# accept PreTrainedTokenizerFast (in 5.x it is the same class as TokenizersBackend), and it reads the
+# same tokenizer.json, so the tokens are identical.
+_V5_ONLY_TOKENIZER_CLASSES = {"TokenizersBackend"}
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+def portable_tokenizer_config(cfg: dict) -> dict:
+    """``tokenizer_config.json`` that transformers 4.x (and llama.cpp's converter, vLLM, TGI on it) loads too."""
+    if cfg.get("tokenizer_class") in _V5_ONLY_TOKENIZER_CLASSES:
+        cfg = {**cfg, "tokenizer_class": PORTABLE_TOKENIZER_CLASS}
+    return cfg
 
 
 def model_card(parts: AdapterDir, mode: str, out_dtype: torch.dtype) -> str:
@@ -205,9 +223,12 @@ def model_card(parts: AdapterDir, mode: str, out_dtype: torch.dtype) -> str:
     )
     method = "OLoRA" if meta.init == "olora" else "LoRA"
     on = "4-bit " + meta.quant["quant_type"].upper() if meta.quant else "full-precision"
+    # base_model in the front matter is read as a hub id (by the Hub, and by llama.cpp's converter
+    # for general.base_model.*); a local folder is named in the text only.
+    local = Path(base).is_absolute() or Path(base).is_dir() or base.startswith((".", "~"))
+    front = "" if local else f"base_model: {base}\n"
     return f"""---
-base_model: {base}
-library_name: transformers
+{front}library_name: transformers
 tags: [qolora, olora, lora, merged]
 ---
 # Merged QOLoRA fine-tune of {Path(base).name}
