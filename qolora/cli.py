@@ -1,5 +1,5 @@
-"""The ``qolora`` command: ``init``, ``train``, ``export``, ``eval``, ``compare``, ``sweep``, ``plan``,
-``prepare-demo``."""
+"""The ``qolora`` command: ``init``, ``train``, ``export``, ``generate``, ``chat``, ``eval``, ``compare``,
+``sweep``, ``plan``, ``prepare-demo``."""
 
 from __future__ import annotations
 
@@ -58,40 +58,53 @@ def _train(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .export import export_gguf, export_lora, export_merged
 
+    common = {"overwrite": args.overwrite, "checkpoint": args.checkpoint}
     if args.kind == "gguf":
-        print(
-            export_gguf(
-                args.adapter_dir,
-                args.out_dir,
-                type=args.type,
-                mode=args.mode,
-                llama_cpp=args.llama_cpp,
-                name=args.name,
-                overwrite=args.overwrite,
-                checkpoint=args.checkpoint,
-            )
-        )
-    elif args.kind == "merged":
-        result = export_merged(
+        result = export_gguf(
             args.adapter_dir,
             args.out_dir,
+            type=args.type,
             mode=args.mode,
-            dtype=args.dtype,
-            overwrite=args.overwrite,
-            checkpoint=args.checkpoint,
-            max_shard_bytes=int(args.max_shard_gb * 2**30),
+            llama_cpp=args.llama_cpp,
+            name=args.name,
+            **common,
         )
-        print(result)
+    elif args.kind == "merged":
+        shard = int(args.max_shard_gb * 2**30)
+        result = export_merged(
+            args.adapter_dir, args.out_dir, mode=args.mode, dtype=args.dtype, max_shard_bytes=shard, **common
+        )
     else:
-        print(
-            export_lora(
-                args.adapter_dir,
-                args.out_dir,
-                overwrite=args.overwrite,
-                checkpoint=args.checkpoint,
-                measure_gap=args.gap,
-            )
-        )
+        result = export_lora(args.adapter_dir, args.out_dir, measure_gap=args.gap, **common)
+    print(result)
+    return 0
+
+
+def _gen_kw(args: argparse.Namespace) -> dict:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "greedy": args.greedy,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import generate, load_chat_model
+
+    cm = load_chat_model(args.model, args.template)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if args.system:
+        prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": prompt}]
+    generate(cm, prompt, stream=sys.stdout, **_gen_kw(args))
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .generate import chat_loop, load_chat_model
+
+    chat_loop(load_chat_model(args.model, args.template), system=args.system, **_gen_kw(args))
     return 0
 
 
@@ -215,6 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
     e.add_argument("--gap", action="store_true", help="lora: measure the gap to the trained model")
     e.set_defaults(func=_export)
+    for name, helptext in (
+        ("generate", "one reply to --prompt (or stdin), streamed: for scripts"),
+        ("chat", "interactive chat, streamed; reads turns from stdin"),
+    ):
+        g = sub.add_parser(name, help=helptext)
+        g.add_argument("model", help="an adapter dir (the exact QOLoRA model) or a merged model folder")
+        if name == "generate":
+            g.add_argument("--prompt", default=None, help="the prompt (default: read stdin)")
+        g.add_argument("--system", default=None, help="a system message")
+        g.add_argument("--template", choices=["auto", "chat", "plain"], default="auto", help="default: as trained")
+        g.add_argument("--max-new-tokens", type=int, default=128)
+        g.add_argument("--greedy", action="store_true", help="greedy decoding (default: sampling)")
+        g.add_argument("--temperature", type=float, default=0.7)
+        g.add_argument("--top-p", type=float, default=0.9)
+        g.add_argument("--seed", type=int, default=0, help="sampling seed")
+        g.set_defaults(func=_generate if name == "generate" else _chat)
     v = sub.add_parser("eval", help="loss/perplexity of base and fine-tuned model; learn and forget")
     v.add_argument("adapter_dir")
     v.add_argument("--data", required=True, help="target-domain eval data (same formats as training)")
