@@ -15,7 +15,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .choices import DTYPE_NAMES, INIT_SOURCES, INITS, QUANT_TYPES, TRAIN_OPTIMIZERS
+from .choices import DTYPE_NAMES, INIT_SOURCES, INITS, QUANT_TYPES, REPORT_TO, TRAIN_OPTIMIZERS
 
 CONFIG_VERSION = 1
 
@@ -126,6 +126,10 @@ class TrainConfig:
     save_total_limit: int = _f(2, "checkpoints kept")
     eval_steps: int = _f(100, "token-weighted held-out loss every N steps (and at step 0)")
     logging_steps: int = _f(10, "log the training loss every N steps")
+    report_to: Literal[REPORT_TO] = _f(
+        "none",
+        "log to: none, tensorboard (events in output_dir/runs/), wandb, mlflow (each: pip install 'qolora[NAME]')",
+    )
     kernel_check: bool = _f(True, "check a 4-bit layer against its fp32 twin on this device before step 1")
 
     def __post_init__(self) -> None:

@@ -46,6 +46,31 @@ def test_bad_data_fails_before_training(chat_model_dir, tmp_path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+def test_report_to_tensorboard_writes_real_event_files(chat_model_dir, tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(_cfg(chat_model_dir, tmp_path, max_steps=4, save_steps=4, eval_steps=2, report_to="tensorboard"))
+    events = list((tmp_path / "run" / "runs").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file under output_dir/runs/"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    scalars = acc.Tags()["scalars"]
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert "eval/loss" in scalars and "train/learning_rate" in scalars
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())  # our own log is still written
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([h["loss"] for h in m["history"]])
+
+
+def test_report_to_without_its_package_is_one_line_before_loading(chat_model_dir, tmp_path, monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ValueError, match=r"train.report_to=wandb: the wandb package is not installed; pip install"):
+        train(_cfg(chat_model_dir, tmp_path, report_to="wandb"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_existing_checkpoints_need_resume(chat_model_dir, tmp_path) -> None:
     cfg = _cfg(chat_model_dir, tmp_path, max_steps=2)
     train(cfg)

@@ -19,7 +19,7 @@ from ..config import Config, ConfigError, changed_on_resume, dump_config
 from ..quant import check_kernel, meta_model, resolve_model
 from .data import load_rows
 from .tokenize import Encoder, pack, split_rows
-from .trainer import build_trainer, prepare_for_training_
+from .trainer import build_trainer, check_report_to, prepare_for_training_
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         raise ConfigError(f"train.output_dir: {out} already has {ckpt.name}; pass --resume, or choose another dir")
     if resume:
         check_resume(cfg, out)
+    check_report_to(cfg.train.report_to)
     resolve_model(cfg.model)
     check_ranks(meta_model(cfg.model), lora_config(cfg))  # before any weight is loaded or factor allocated
     tokenizer = load_tokenizer(cfg.model)

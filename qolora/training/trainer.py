@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 from typing import Any
 
@@ -12,13 +13,20 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import EvalLoopOutput
 
-from ..config import Config
+from ..config import Config, ConfigError
 from .callbacks import MetricsCallback
 from .losses import IGNORE, chunked_ce_sum
 from .lr import resolve_lr
 from .tokenize import Collator
 
 logger = logging.getLogger(__name__)
+
+
+def check_report_to(name: str) -> str:
+    """``name`` if its package is installed; else one ConfigError line saying what to install."""
+    if name != "none" and importlib.util.find_spec(name) is None:
+        raise ConfigError(f"train.report_to={name}: the {name} package is not installed; pip install 'qolora[{name}]'")
+    return name
 
 
 def resolve_optimizer(name: str, on_cuda: bool) -> str:
@@ -181,7 +189,7 @@ def build_trainer(
         bf16=on_cuda and dtype == torch.bfloat16,
         fp16=on_cuda and dtype == torch.float16,
         use_cpu=not on_cuda,
-        report_to="none",
+        report_to=check_report_to(t.report_to),
         remove_unused_columns=False,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
