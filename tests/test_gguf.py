@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from peft import LoraConfig
 from safetensors.torch import load_file
 
@@ -163,3 +164,31 @@ def test_cli_export_gguf(adapter, converter, tmp_path, capsys) -> None:
     assert main(["export", "gguf", str(adapter), str(out), "--llama-cpp", str(converter)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_gguf_with_the_merged_models_predictions(adapter, merged, converter, tmp_path) -> None:
+    """llama.cpp itself (llama-cpp-python, built from source) loads the f16 GGUF and predicts as the merged model."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="needs llama-cpp-python: pip install llama-cpp-python==0.3.36")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, _ = merged
+    res = export_gguf(adapter, tmp_path / "m.gguf", llama_cpp=converter, progress=False)
+    tok = AutoTokenizer.from_pretrained(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    llm = llama_cpp.Llama(str(res.path), n_ctx=256, logits_all=True, verbose=False)
+    text = tok.apply_chat_template(
+        [
+            {"role": "user", "content": "the quick brown fox"},
+            {"role": "assistant", "content": "jumps over the lazy dog"},
+        ],
+        tokenize=False,
+    )
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+    llm.eval(ids)
+    got = torch.tensor(llm.scores[: len(ids)])
+    with torch.no_grad():
+        want = hf(input_ids=torch.tensor([ids])).logits[0]
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    assert (got - want).abs().max() < 0.05
