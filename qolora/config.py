@@ -84,7 +84,9 @@ class DataConfig:
         "auto", "prompt rendering: auto (the tokenizer's chat template if it has one), chat, plain"
     )
     max_length: int = _f(512, "tokens per example; longer examples are truncated and counted")
-    packing: bool = _f(False, "concatenate examples into max_length blocks")
+    packing: bool = _f(
+        False, "padding-free packing: whole examples into max_length packs, attention kept inside each example"
+    )
     completion_only: bool = _f(True, "take the loss on completions (assistant turns) only, not on prompts")
     skip_bad_rows: bool = _f(False, "count and skip invalid rows instead of stopping at the first one")
     eval_fraction: float = _f(0.05, "share of training rows held out when data.eval is not set, in (0, 1)")

@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from qolora.training.data import DataError, load_rows
 from qolora.training.tokenize import IGNORE, Collator, Encoder, pack, split_rows
@@ -151,7 +152,14 @@ def test_truncation_and_no_target_rows_are_counted(tmp_path) -> None:
 
 def test_pack_split_and_collate() -> None:
     exs = [{"input_ids": [1, 2, 3], "labels": [IGNORE, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}]
-    assert pack(exs, 4) == [{"input_ids": [1, 2, 3, 4], "labels": [IGNORE, 2, 3, 4]}, {"input_ids": [5], "labels": [5]}]
+    # whole examples only: [1, 2, 3] and [4, 5] do not fit in 4 tokens together
+    assert pack(exs, 4) == [
+        {"input_ids": [1, 2, 3], "labels": [IGNORE, 2, 3], "position_ids": [0, 1, 2]},
+        {"input_ids": [4, 5], "labels": [IGNORE, 5], "position_ids": [0, 1]},
+    ]
+    assert pack(exs, 5) == [
+        {"input_ids": [1, 2, 3, 4, 5], "labels": [IGNORE, 2, 3, IGNORE, 5], "position_ids": [0, 1, 2, 0, 1]}
+    ]
     batch = Collator(pad_token_id=0)(exs)
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 0]]
     assert batch["labels"].tolist() == [[IGNORE, 2, 3], [4, 5, IGNORE]]
@@ -161,3 +169,40 @@ def test_pack_split_and_collate() -> None:
     tr, ev = split_rows(Rows("x", "text", [{"text": str(i)} for i in range(20)]), 0.1, seed=0)
     assert len(tr.rows) == 18 and len(ev.rows) == 2
     assert split_rows(Rows("x", "text", [{"text": str(i)} for i in range(20)]), 0.1, seed=0)[1].rows == ev.rows
+
+
+def test_packed_batch_loss_equals_its_examples_one_by_one(chat_model_dir) -> None:
+    """No attention crosses an example: fp32, tolerance 1e-5 relative (summation order only)."""
+    from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
+
+    from qolora.training.trainer import QoloraTrainer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(chat_model_dir, dtype=torch.float32).eval()
+    V = model.config.vocab_size
+    exs = []
+    for n in (7, 3, 12, 5, 9, 4):
+        ids = torch.randint(3, V, (n,)).tolist()
+        labels = [IGNORE, IGNORE, *ids[2:]] if n % 2 else ids  # completion-only and full-sequence examples
+        exs.append({"input_ids": ids, "labels": labels})
+    packs = pack(exs, 16)
+    assert [len(p["input_ids"]) for p in packs] == [10, 12, 14, 4]
+    batch = Collator(pad_token_id=0)(packs)
+    # the layout transformers' flattening collator gives for the same examples (first labels ignored)
+    ref = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE)(exs, return_tensors="pt")
+    for k in ("input_ids", "labels", "position_ids"):
+        assert batch[k].tolist() == ref[k].tolist(), k
+    assert "attention_mask" not in batch
+    trainer = QoloraTrainer.__new__(QoloraTrainer)
+    for chunk in (None, 4):  # plain and chunked cross-entropy
+        trainer.ce_chunk = chunk
+        with torch.no_grad():
+            total, count = trainer.loss_sum(model, batch)
+            one = [trainer.loss_sum(model, Collator(pad_token_id=0)([ex])) for ex in exs]
+        want_total, want_count = sum(float(t) for t, _ in one), sum(int(c) for _, c in one)
+        assert int(count) == want_count
+        assert float(total) / int(count) == pytest.approx(want_total / want_count, rel=1e-5)
+    # and it is the mask that does it: the same row without position_ids attends across examples
+    with torch.no_grad():
+        crossed, _ = trainer.loss_sum(model, {k: batch[k] for k in ("input_ids", "labels")})
+    assert abs(float(crossed) - want_total) > 1e-4 * want_total  # 20x the tolerance above

@@ -71,6 +71,15 @@ def test_report_to_without_its_package_is_one_line_before_loading(chat_model_dir
     assert not (tmp_path / "run").exists()
 
 
+def test_packed_training_runs_and_counts_every_token(chat_model_dir, tmp_path) -> None:
+    cfg = _cfg(chat_model_dir, tmp_path, max_steps=3, save_steps=3, eval_steps=3)
+    cfg.data.packing = True
+    train(cfg)
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["eval"][-1]["eval_loss"] < m["eval"][0]["eval_loss"]
+    assert m["tokens_seen"] > 3 * cfg.train.batch_size * 8  # packs of several examples, no padding counted
+
+
 def test_existing_checkpoints_need_resume(chat_model_dir, tmp_path) -> None:
     cfg = _cfg(chat_model_dir, tmp_path, max_steps=2)
     train(cfg)

@@ -159,18 +159,29 @@ def _adds_bos(tokenizer: Any) -> bool:
 
 
 def pack(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
-    """Concatenate examples into blocks of ``max_length`` tokens (the last block may be shorter)."""
-    ids: list[int] = []
-    labels: list[int] = []
+    """Padding-free packing: whole examples, in order, into packs of at most ``max_length`` tokens.
+
+    Each pack carries ``position_ids`` that restart at 0 for every example, which is what keeps
+    attention inside an example: with position_ids and no attention mask, transformers builds a
+    block-diagonal causal mask (``masking_utils.find_packed_sequence_indices``), as for
+    ``DataCollatorWithFlattening``. The first label of every example is ignored, so no token is
+    trained to predict the start of the next example. Examples are never split (they are already
+    truncated to ``max_length``), so the loss over a pack is the token-weighted loss of its
+    examples run one by one (docs/design.md, invariant 16).
+    """
+    packs: list[dict[str, list[int]]] = []
+    cur: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
     for ex in examples:
-        ids += ex["input_ids"]
-        labels += ex["labels"]
-    blocks = []
-    for s in range(0, len(ids), max_length):
-        block = {"input_ids": ids[s : s + max_length], "labels": labels[s : s + max_length]}
-        if any(x != IGNORE for x in block["labels"]):
-            blocks.append(block)
-    return blocks
+        n = len(ex["input_ids"])
+        if cur["input_ids"] and len(cur["input_ids"]) + n > max_length:
+            packs.append(cur)
+            cur = {"input_ids": [], "labels": [], "position_ids": []}
+        cur["input_ids"] += ex["input_ids"]
+        cur["labels"] += [IGNORE, *ex["labels"][1:]]
+        cur["position_ids"] += range(n)
+    if cur["input_ids"]:
+        packs.append(cur)
+    return [p for p in packs if any(x != IGNORE for x in p["labels"])]
 
 
 def split_rows(rows: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:
@@ -188,11 +199,20 @@ def split_rows(rows: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:
 
 @dataclass
 class Collator:
-    """Pad a batch to its longest example: pad id for inputs, -100 for labels."""
+    """Pad a batch to its longest example: pad id for inputs, -100 for labels.
+
+    Packs (items with ``position_ids``, from ``pack``) are not padded: the batch becomes one row,
+    the packs end to end, with their position_ids and no attention mask, as transformers'
+    ``DataCollatorWithFlattening`` lays a batch out.
+    """
 
     pad_token_id: int
 
     def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        if "position_ids" in batch[0]:
+            return {
+                k: torch.tensor([[t for x in batch for t in x[k]]]) for k in ("input_ids", "labels", "position_ids")
+            }
         n = max(len(x["input_ids"]) for x in batch)
         ids = torch.full((len(batch), n), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)

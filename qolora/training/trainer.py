@@ -89,15 +89,16 @@ class QoloraTrainer(Trainer):
         """Summed next-token CE over the label tokens, and their count."""
         lm = causal_lm(model)
         labels = inputs["labels"][:, 1:]
+        # packs: position_ids and no mask, from which transformers builds the block-diagonal mask;
+        # it does so only without a KV cache, which a model with use_cache on would create here
+        fwd = {k: inputs.get(k) for k in ("input_ids", "attention_mask", "position_ids")} | {"use_cache": False}
         if self.ce_chunk and supports_chunked_ce(lm):
-            hidden = lm.model(
-                input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")
-            ).last_hidden_state
+            hidden = lm.model(**fwd).last_hidden_state
             total = chunked_ce_sum(
                 hidden[:, :-1].reshape(-1, hidden.shape[-1]), lm.lm_head.weight, labels.reshape(-1), self.ce_chunk
             )
         else:
-            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
+            logits = model(**fwd).logits
             total = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                 labels.reshape(-1),
@@ -192,7 +193,7 @@ def build_trainer(
         report_to=check_report_to(t.report_to),
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="all" if cfg.data.packing else "non_padding",  # packs have no padding
         prediction_loss_only=True,
         disable_tqdm=False,
     )
