@@ -87,6 +87,9 @@ class DataConfig:
     packing: bool = _f(
         False, "padding-free packing: whole examples into max_length packs, attention kept inside each example"
     )
+    group_by_length: bool = _f(
+        False, "unpacked batches of similar length (less padding); transformers' LengthGroupedSampler"
+    )
     completion_only: bool = _f(True, "take the loss on completions (assistant turns) only, not on prompts")
     skip_bad_rows: bool = _f(False, "count and skip invalid rows instead of stopping at the first one")
     eval_fraction: float = _f(0.05, "share of training rows held out when data.eval is not set, in (0, 1)")
@@ -100,6 +103,8 @@ class DataConfig:
             raise ConfigError(f"data.max_length: must be >= 8, got {self.max_length}")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction: must be in (0, 1), got {self.eval_fraction}")
+        if self.packing and self.group_by_length:
+            raise ConfigError("data.group_by_length: packs have no padding to save; use it without data.packing")
 
 
 @dataclass

@@ -10,8 +10,10 @@ import textwrap
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 import qolora
+import qolora.config
 from qolora.training import DataError, train
 
 from .conftest import add_trainer_callback, logits
@@ -80,6 +82,28 @@ def test_packed_training_runs_and_counts_every_token(chat_model_dir, tmp_path) -
     assert m["tokens_seen"] > 3 * cfg.train.batch_size * 8  # packs of several examples, no padding counted
 
 
+def test_group_by_length_uses_the_length_grouped_sampler(chat_model_dir, tmp_path, monkeypatch) -> None:
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from qolora.training.trainer import QoloraTrainer
+
+    seen = []
+    real = QoloraTrainer._get_train_sampler
+
+    def spy(self, *a, **k):  # noqa: ANN001
+        sampler = real(self, *a, **k)
+        seen.append(type(sampler))
+        return sampler
+
+    monkeypatch.setattr(QoloraTrainer, "_get_train_sampler", spy)
+    cfg = _cfg(chat_model_dir, tmp_path, max_steps=2, save_steps=2, eval_steps=2)
+    cfg.data.group_by_length = True
+    train(cfg)
+    assert seen and seen[0] is LengthGroupedSampler
+    with pytest.raises(ValueError, match="data.group_by_length: packs have no padding"):
+        qolora.config.config_from_dict({"data": {"train": "x.jsonl", "packing": True, "group_by_length": True}})
+
+
 def test_existing_checkpoints_need_resume(chat_model_dir, tmp_path) -> None:
     cfg = _cfg(chat_model_dir, tmp_path, max_steps=2)
     train(cfg)
@@ -109,7 +133,6 @@ KILLER = textwrap.dedent("""
 
 
 def test_resume_after_kill_9_matches_uninterrupted(chat_model_dir, tmp_path, monkeypatch) -> None:
-    from transformers import TrainerCallback
 
     from qolora.config import dump_config
 

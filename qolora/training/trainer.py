@@ -193,6 +193,7 @@ def build_trainer(
         report_to=check_report_to(t.report_to),
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length" if cfg.data.group_by_length else "random",
         include_num_input_tokens_seen="all" if cfg.data.packing else "non_padding",  # packs have no padding
         prediction_loss_only=True,
         disable_tqdm=False,
