@@ -26,7 +26,7 @@ from _common import command, machine, median, row, today  # noqa: E402
 from qolora import get_qolora_model, quant  # noqa: E402
 from qolora.training.data import load_rows  # noqa: E402
 from qolora.training.run import load_tokenizer  # noqa: E402
-from qolora.training.tokenize import IGNORE, Collator, Encoder  # noqa: E402
+from qolora.training.tokenize import IGNORE, Collator, Encoder, head, take  # noqa: E402
 
 
 def build(model_dir: str, packed: bool) -> torch.nn.Module:
@@ -73,8 +73,8 @@ def main() -> None:
     torch.manual_seed(0)
     tok = load_tokenizer(args.model)
     rows = load_rows(args.data, "auto", False)
-    rows.rows = rows.rows[: args.rows]
-    examples = Encoder(tok, 128, "auto", True).encode_rows(rows)
+    rows = head(rows, args.rows)
+    examples = take(Encoder(tok, 128, "auto", True).encode_rows(rows))
     collate = Collator(tok.pad_token_id)
     batches = [collate(examples[i : i + args.batch_size]) for i in range(0, len(examples), args.batch_size)]
     std, packed = build(args.model, False), build(args.model, True)

@@ -25,7 +25,7 @@ import qolora  # noqa: E402
 from qolora import quant  # noqa: E402
 from qolora.training.data import load_rows  # noqa: E402
 from qolora.training.run import load_tokenizer  # noqa: E402
-from qolora.training.tokenize import Collator, Encoder  # noqa: E402
+from qolora.training.tokenize import Collator, Encoder, head, take  # noqa: E402
 
 
 def effective_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -60,8 +60,8 @@ def main() -> None:
 
     tok = load_tokenizer(args.model)
     rows = load_rows(args.data)
-    rows.rows = rows.rows[: args.rows]
-    batch = Collator(tok.pad_token_id)(Encoder(tok, 128).encode_rows(rows))
+    rows = head(rows, args.rows)
+    batch = Collator(tok.pad_token_id)(take(Encoder(tok, 128).encode_rows(rows)))
     mask = batch["attention_mask"].bool()
     ref_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     ref_w = {n: p.detach().clone() for n, p in ref_model.named_parameters() if p.ndim == 2}

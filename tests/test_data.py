@@ -206,3 +206,56 @@ def test_packed_batch_loss_equals_its_examples_one_by_one(chat_model_dir) -> Non
     with torch.no_grad():
         crossed, _ = trainer.loss_sum(model, {k: batch[k] for k in ("input_ids", "labels")})
     assert abs(float(crossed) - want_total) > 1e-4 * want_total  # 20x the tolerance above
+
+
+def test_tokenization_is_cached_by_data_tokenizer_and_settings(tmp_path, monkeypatch, caplog) -> None:
+    import logging
+
+    from qolora.training.tokenize import take
+
+    tok = make_tokenizer(chat=False)
+    path = _jsonl(
+        tmp_path / "d.jsonl", [{"prompt": f"how are you {i}", "completion": "good thanks"} for i in range(30)]
+    )
+    first = Encoder(tok, max_length=64).encode_rows(load_rows(path))
+    assert first.cache_files and "qolora-tokens-" in first.cache_files[0]["filename"]  # memory-mapped Arrow
+
+    def no_tokenizing(*a, **k):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(Encoder, "encode", no_tokenizing)
+    with caplog.at_level(logging.INFO):
+        enc = Encoder(tok, max_length=64)
+        again = enc.encode_rows(load_rows(path))
+    assert "tokenized cache used" in caplog.text
+    assert take(again) == take(first) and enc.stats.rows == 30 and enc.stats.tokens == sum(again["length"])
+    with pytest.raises(AssertionError, match="tokenized again"):  # other settings: another cache entry
+        Encoder(tok, max_length=16).encode_rows(load_rows(path))
+    with open(path, "a") as f:  # other data: another cache entry
+        f.write(json.dumps({"prompt": "new", "completion": "row"}) + "\n")
+    with pytest.raises(AssertionError, match="tokenized again"):
+        Encoder(tok, max_length=64).encode_rows(load_rows(path))
+
+
+def test_every_source_goes_through_datasets(tmp_path, monkeypatch) -> None:
+    from datasets import Dataset
+
+    rows = ROWS["prompt_completion"] * 3
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    arrow = Dataset.from_list(rows)
+    arrow.save_to_disk(str(tmp_path / "saved"))
+    arrow_file = next((tmp_path / "saved").glob("*.arrow"))
+    (tmp_path / "wrapped.json").write_text(json.dumps({"train": rows}))
+    (tmp_path / "digits.csv").write_text("prompt,completion\n007,\n1,2\n")
+    for src in ("d.parquet", "saved", str(arrow_file.relative_to(tmp_path)), "wrapped.json"):
+        got = load_rows(tmp_path / src)
+        assert got.format == "prompt_completion" and not isinstance(got.rows, list), src
+        assert list(got.rows) == rows, src
+    # csv cells stay strings as written ("007" is not 7), and an empty cell is an empty field, not NaN
+    with pytest.raises(DataError, match="digits.csv row 1: field 'completion' is empty"):
+        load_rows(tmp_path / "digits.csv")
+    assert list(load_rows(tmp_path / "digits.csv", skip_bad_rows=True).rows) == [{"prompt": "1", "completion": "2"}]
+    # a hub id is looked up in the local HF cache only
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(DataError, match="not a dataset id in the local HF cache"):
+        load_rows("someone/not-cached-dataset")

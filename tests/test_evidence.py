@@ -75,11 +75,11 @@ def test_completion_loss_is_token_weighted_transformers_loss(chat_model_dir, tmp
     from qolora.training.data import load_rows
     from qolora.training.evaluate import completion_loss
     from qolora.training.run import load_tokenizer
-    from qolora.training.tokenize import Collator, Encoder
+    from qolora.training.tokenize import Collator, Encoder, take
 
     cfg = tiny_train_config(chat_model_dir, tmp_path)
     tok = load_tokenizer(str(chat_model_dir))
-    ex = Encoder(tok, 32).encode_rows(load_rows(cfg.data.train))[:6]
+    ex = take(Encoder(tok, 32).encode_rows(load_rows(cfg.data.train)), 0, 6)
     model = AutoModelForCausalLM.from_pretrained(chat_model_dir, dtype=torch.float32)
     batch = Collator(tok.pad_token_id)(ex)
     with torch.no_grad():

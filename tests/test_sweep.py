@@ -62,11 +62,13 @@ def test_eval_loss_is_token_weighted(chat_model_dir, tmp_path) -> None:
     from qolora.adapters import get_qolora_model
     from qolora.training.evaluate import completion_loss
     from qolora.training.run import load_base, load_tokenizer, lora_config, prepare_data
+    from qolora.training.tokenize import take
     from qolora.training.trainer import build_trainer
 
     cfg = _cfg(chat_model_dir, tmp_path, batch_size=2)
     tok = load_tokenizer(cfg.model)
     train_ex, eval_ex, _ = prepare_data(cfg, tok)
+    eval_ex = take(eval_ex)  # the memory-mapped Dataset as a list, to edit one example
     eval_ex = eval_ex[:3] + [
         dict(eval_ex[3], labels=[-100] * (len(eval_ex[3]["labels"]) - 1) + [eval_ex[3]["labels"][-1]])
     ]

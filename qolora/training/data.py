@@ -1,7 +1,10 @@
-"""Training data: read rows from local files, detect the format, validate every row.
+"""Training data through ``datasets``: read rows from local files or the HF cache, detect the format,
+validate every row.
 
-Sources: ``.json`` (a list of objects), ``.jsonl``, ``.csv``, ``.parquet``, or a folder saved
-with ``datasets.Dataset.save_to_disk``. Formats:
+Sources: ``.json`` (a list of objects, or one key holding it), ``.jsonl``, ``.csv``, ``.parquet``,
+``.arrow``, a folder saved with ``datasets.Dataset.save_to_disk``, or a hub dataset id already in
+the local HF cache (no network). Files are read by ``datasets.load_dataset``, which converts them
+to Arrow once (cached, memory-mapped), so a million rows never become Python objects. Formats:
 
 - ``alpaca``: ``instruction``, optional ``input``, ``output``
 - ``chat``: ``messages``: a list of ``{role, content}``
@@ -9,7 +12,8 @@ with ``datasets.Dataset.save_to_disk``. Formats:
 - ``text``: ``text``
 
 A malformed row is an error naming the file, the 1-based row and the field, raised before
-training starts; with ``skip_bad_rows`` such rows are dropped and counted instead.
+training starts; with ``skip_bad_rows`` such rows are dropped and counted instead. Validation is
+a batched ``Dataset.map`` (cached like the conversion), not a Python loop over a list.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
 }
 ROLES = ("system", "user", "assistant", "tool")
+_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+ERROR = "_qolora_error"  # the validation map's per-row error column (null for a good row)
 
 
 class DataError(ValueError):
@@ -39,19 +45,75 @@ class DataError(ValueError):
 
 @dataclass
 class Rows:
-    """Validated rows of one file, in one format."""
+    """Validated rows of one source, in one format: a ``datasets.Dataset`` (a plain list is accepted too)."""
 
     path: str
     format: str
-    rows: list[dict[str, Any]]
+    rows: Any
     skipped: list[str] = field(default_factory=list)
 
 
-def read_rows(path: str | os.PathLike[str]) -> list[Any]:
-    """Raw rows of a data file, in file order."""
+def _python_rows(p: Path) -> list[Any]:
+    """Rows read line by line in Python: only to name the bad row when ``datasets`` cannot build a table."""
+    if p.suffix.lower() == ".jsonl":
+        rows = []
+        with open(p, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{p} row {i}: not valid JSON ({e.msg} at column {e.colno})") from e
+        return rows
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"train": [...]} / {"data": [...]}
+    if not isinstance(data, list):
+        raise DataError(f"{p}: expected a JSON list of rows")
+    return data
+
+
+def _json_field(p: Path) -> str | None:
+    """The key of a ``{"train": [...]}`` .json file, else None (a list)."""
+    with open(p, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith("{"):
+        return None
+    obj = json.loads(p.read_text(encoding="utf-8"))
+    if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
+        return next(iter(obj))
+    raise DataError(f"{p}: expected a JSON list of rows")
+
+
+def _load_file(p: Path) -> Any:
+    from datasets import Features, Value, load_dataset
+
+    builder = _BUILDERS[p.suffix.lower()]
+    kw: dict[str, Any] = {}
+    if builder == "csv":  # every cell a string, as written: no type guessing, no NaN for empty cells
+        with open(p, encoding="utf-8", newline="") as f:
+            header = next(csv.reader(f), [])
+        kw = {"features": Features({c: Value("string") for c in header}), "keep_default_na": False}
+    elif p.suffix.lower() == ".json":
+        key = _json_field(p)
+        if key is not None:
+            kw = {"field": key}
+    return load_dataset(builder, data_files=str(p.resolve()), split="train", **kw)
+
+
+def read_rows(path: str | os.PathLike[str]) -> Any:
+    """The raw rows of a source as a ``datasets.Dataset``, in source order.
+
+    A json/jsonl file ``datasets`` cannot turn into one table (broken JSON, a row that is not an
+    object, a field whose type changes between rows) is re-read line by line: the error then
+    names the row, or, when every row parses, the rows are returned as a list for ``load_rows``
+    to validate one by one.
+    """
     p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: data file not found")
     if p.is_dir():
         try:
             from datasets import load_from_disk
@@ -63,51 +125,64 @@ def read_rows(path: str | os.PathLike[str]) -> list[Any]:
             if "train" not in ds:
                 raise DataError(f"{p}: DatasetDict without a 'train' split (has {list(ds.keys())})")
             ds = ds["train"]
-        return list(ds)
+        return ds
+    if not p.exists():
+        return _from_hub_cache(str(path))
     suffix = p.suffix.lower()
-    if suffix == ".jsonl":
-        rows = []
-        with open(p, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{p} row {i}: not valid JSON ({e.msg} at column {e.colno})") from e
-        return rows
-    if suffix == ".json":
+    if suffix not in _BUILDERS:
+        raise DataError(
+            f"{p}: unsupported file type {suffix!r}; use .jsonl, .json, .csv, .parquet, .arrow or a saved dataset dir"
+        )
+    try:
+        return _load_file(p)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pyarrow / datasets raise many types for one bad row
+        if _BUILDERS[suffix] != "json":
+            raise DataError(f"{p}: cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
+        return _python_rows(p)
+
+
+def _from_hub_cache(name: str) -> Any:
+    """A hub dataset id, from the local HF cache only; a missing file otherwise."""
+    looks_like_id = "/" in name and not name.startswith((".", "/")) and Path(name).suffix == ""
+    if looks_like_id:
+        from datasets import load_dataset
+
+        old = os.environ.get("HF_DATASETS_OFFLINE")
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from e
-        if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-            data = next(iter(data.values()))  # {"train": [...]} / {"data": [...]}
-        if not isinstance(data, list):
-            raise DataError(f"{p}: expected a JSON list of rows")
-        return data
-    if suffix == ".csv":
-        with open(p, encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(p).to_pylist()
-    raise DataError(f"{p}: unsupported file type {suffix!r}; use .jsonl, .json, .csv, .parquet or a saved dataset dir")
-
-
-def detect_format(path: str, rows: list[Any]) -> str:
-    """The format of the first row that is a mapping with a known field set."""
-    for row in rows[:50]:
-        if isinstance(row, dict):
-            for fmt, keys in FORMATS.items():
-                if all(k in row for k in keys):
-                    return fmt
+            return load_dataset(name, split="train")
+        except Exception as e:  # noqa: BLE001
             raise DataError(
-                f"{path} row {rows.index(row) + 1}: cannot detect the format from fields {sorted(row)}; "
-                f"expected one of: messages | instruction+output | prompt+completion | text"
-            )
-    raise DataError(f"{path}: no rows")
+                f"{name}: no such data file, and not a dataset id in the local HF cache ({type(e).__name__})"
+            ) from e
+        finally:
+            if old is None:
+                os.environ.pop("HF_DATASETS_OFFLINE", None)
+            else:
+                os.environ["HF_DATASETS_OFFLINE"] = old
+    raise DataError(f"{name}: data file not found")
+
+
+def detect_format(path: str, rows: Any) -> str:
+    """The format, from a table's columns or from the first mapping row of a list."""
+    if isinstance(rows, list):
+        first = next(((i, r) for i, r in enumerate(rows[:50]) if isinstance(r, dict)), None)
+        if first is None:
+            raise DataError(f"{path}: no rows")
+        i, keys = first[0], sorted(first[1])
+    else:
+        if len(rows) == 0:
+            raise DataError(f"{path}: no rows")
+        i, keys = 0, sorted(rows.column_names)
+    for fmt, need in FORMATS.items():
+        if all(k in keys for k in need):
+            return fmt
+    raise DataError(
+        f"{path} row {i + 1}: cannot detect the format from fields {keys}; "
+        f"expected one of: messages | instruction+output | prompt+completion | text"
+    )
 
 
 def _text(row: dict[str, Any], key: str, required: bool = True) -> str:
@@ -162,8 +237,60 @@ def check_row(row: Any, fmt: str) -> dict[str, Any]:
     return r
 
 
+def _row_error(row: Any, fmt: str) -> tuple[dict[str, Any] | None, str | None]:
+    try:
+        return check_row(row, fmt), None
+    except KeyError as e:
+        return None, f"field {e} is missing ({fmt} format)"
+    except (TypeError, ValueError) as e:
+        return None, str(e)
+
+
+_EMPTY = {
+    "chat": {"messages": [{"role": "user", "content": ""}]},
+    "alpaca": {"instruction": "", "input": "", "output": ""},
+    "prompt_completion": {"prompt": "", "completion": ""},
+    "text": {"text": ""},
+}
+
+
+def _check_batch(batch: dict[str, list[Any]], fmt: str) -> dict[str, list[Any]]:
+    """Validation as a batched map: normalized columns, and the error per row (None when good)."""
+    n = len(next(iter(batch.values()))) if batch else 0
+    out: dict[str, list[Any]] = {k: [] for k in _EMPTY[fmt]}
+    out[ERROR] = []
+    for j in range(n):
+        good, err = _row_error({k: v[j] for k, v in batch.items()}, fmt)
+        for k, v in (good or _EMPTY[fmt]).items():
+            out[k].append(v)
+        out[ERROR].append(err)
+    return out
+
+
+def _validate_table(p: str, ds: Any, fmt: str) -> tuple[Any, list[str]]:
+    """Run ``_check_batch`` over a Dataset; the good rows and the error of each bad one (with its row)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    checked = ds.map(
+        _check_batch,
+        batched=True,
+        batch_size=10_000,
+        fn_kwargs={"fmt": fmt},
+        remove_columns=ds.column_names,
+        desc=f"checking {Path(p).name}",
+    )
+    errors = checked.data.column(ERROR)
+    if errors.null_count == len(checked):
+        return checked.remove_columns(ERROR), []
+    bad = np.flatnonzero(pc.is_valid(errors).to_numpy(zero_copy_only=False))  # map output is in source order
+    messages = [f"{p} row {i + 1}: {m}" for i, m in zip(bad, errors.drop_null().to_pylist(), strict=True)]
+    keep = np.flatnonzero(pc.is_null(errors).to_numpy(zero_copy_only=False))
+    return checked.select(keep).remove_columns(ERROR), messages
+
+
 def load_rows(path: str | os.PathLike[str], fmt: str = "auto", skip_bad_rows: bool = False) -> Rows:
-    """Read, detect and validate a whole file before any training starts.
+    """Read, detect and validate a whole source before any training starts.
 
     Raises:
         DataError: the first bad row, e.g. ``train.jsonl row 17: field 'output' is missing``.
@@ -174,22 +301,24 @@ def load_rows(path: str | os.PathLike[str], fmt: str = "auto", skip_bad_rows: bo
         fmt = detect_format(p, raw)
     elif fmt not in FORMATS:
         raise DataError(f"data.format: unknown format {fmt!r}; use auto, {', '.join(FORMATS)}")
-    good, skipped = [], []
-    for i, row in enumerate(raw, 1):
-        try:
-            good.append(check_row(row, fmt))
-        except KeyError as e:
-            msg = f"{p} row {i}: field {e} is missing ({fmt} format)"
-        except (TypeError, ValueError) as e:
-            msg = f"{p} row {i}: {e}"
-        else:
-            continue
-        if not skip_bad_rows:
-            raise DataError(msg + "; fix it or set data.skip_bad_rows=true")
-        skipped.append(msg)
+    if isinstance(raw, list):  # a json file datasets could not make one table of: row by row
+        from datasets import Dataset
+
+        good, skipped = [], []
+        for i, row in enumerate(raw, 1):
+            ok, err = _row_error(row, fmt)
+            if ok is not None:
+                good.append(ok)
+            else:
+                skipped.append(f"{p} row {i}: {err}")
+        rows: Any = Dataset.from_list(good) if good else None
+    else:
+        rows, skipped = _validate_table(p, raw, fmt)
+    if skipped and not skip_bad_rows:
+        raise DataError(skipped[0] + "; fix it or set data.skip_bad_rows=true")
     if skipped:
         logger.warning("%s: skipped %d bad rows (first: %s)", p, len(skipped), skipped[0])
-    if not good:
+    if rows is None or len(rows) == 0:
         raise DataError(f"{p}: no valid rows")
-    logger.info("%s: %d rows, format %s", p, len(good), fmt)
-    return Rows(p, fmt, good, skipped)
+    logger.info("%s: %d rows, format %s", p, len(rows), fmt)
+    return Rows(p, fmt, rows, skipped)

@@ -23,7 +23,7 @@ from ..adapters import load_adapter, load_recorded_base
 from ..config import DataConfig
 from .data import load_rows
 from .losses import IGNORE
-from .tokenize import Collator, Encoder
+from .tokenize import Collator, Encoder, head, take
 
 
 @dataclass
@@ -36,7 +36,7 @@ class LossResult:
 
 @torch.no_grad()
 def completion_loss(
-    model: nn.Module, examples: list[dict[str, list[int]]], pad_id: int, batch_size: int = 8, desc: str = "eval"
+    model: nn.Module, examples: Any, pad_id: int, batch_size: int = 8, desc: str = "eval"
 ) -> LossResult:
     """Token-weighted mean cross-entropy over the target (label != -100) tokens."""
     model.eval()
@@ -44,7 +44,7 @@ def completion_loss(
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch"):
-        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size]).items()}
+        batch = {k: v.to(device) for k, v in collate(take(examples, i, i + batch_size)).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         ce = F.cross_entropy(
@@ -83,7 +83,7 @@ def evaluate(
     examples = {}
     for name, path in sets.items():
         rows = load_rows(path)
-        rows.rows = rows.rows[:max_rows] if max_rows else rows.rows
+        rows = head(rows, max_rows)
         examples[name] = Encoder(
             tokenizer, settings["max_length"], settings["template"], settings["completion_only"]
         ).encode_rows(rows)

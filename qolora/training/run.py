@@ -18,7 +18,7 @@ from ..adapters import check_ranks, get_qolora_model, load_adapter, save_adapter
 from ..config import Config, ConfigError, changed_on_resume, dump_config
 from ..quant import check_kernel, meta_model, resolve_model
 from .data import load_rows
-from .tokenize import Encoder, pack, split_rows
+from .tokenize import Encoder, head, pack_examples, split_rows
 from .trainer import build_trainer, check_report_to, prepare_for_training_
 
 logger = logging.getLogger(__name__)
@@ -54,20 +54,17 @@ def load_tokenizer(model: str) -> Any:
 def prepare_data(cfg: Config, tokenizer: Any) -> tuple[list, list, dict[str, Any]]:
     """Validate and tokenize every row before any model is loaded."""
     d = cfg.data
-    rows = load_rows(d.train, d.format, d.skip_bad_rows)
-    if d.max_train_rows:
-        rows.rows = rows.rows[: d.max_train_rows]
+    rows = head(load_rows(d.train, d.format, d.skip_bad_rows), d.max_train_rows)
     if d.eval:
         eval_rows = load_rows(d.eval, d.format, d.skip_bad_rows)
     else:
         rows, eval_rows = split_rows(rows, d.eval_fraction, cfg.train.seed)
-    if d.max_eval_rows:
-        eval_rows.rows = eval_rows.rows[: d.max_eval_rows]
+    eval_rows = head(eval_rows, d.max_eval_rows)
     enc_train = Encoder(tokenizer, d.max_length, d.template, d.completion_only)
     enc_eval = Encoder(tokenizer, d.max_length, d.template, d.completion_only)
     train_ex, eval_ex = enc_train.encode_rows(rows), enc_eval.encode_rows(eval_rows)
     if d.packing:
-        train_ex = pack(train_ex, d.max_length)
+        train_ex = pack_examples(train_ex, d.max_length)
     stats = {"train": vars(enc_train.stats), "eval": vars(enc_eval.stats), "skipped_rows": len(rows.skipped)}
     return train_ex, eval_ex, stats
 

@@ -6,9 +6,15 @@ own and labels are -100 on the segments that are not trained on.
 
 from __future__ import annotations
 
+import dataclasses
+import glob
+import hashlib
+import json
 import logging
+import os
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -138,7 +144,32 @@ class Encoder:
         self.stats.target_tokens += n_target
         return {"input_ids": ids, "labels": labels}
 
-    def encode_rows(self, rows: Rows) -> list[dict[str, list[int]]]:
+    def fingerprint(self, rows: Rows) -> str:
+        """What the tokenized rows depend on: the data, the tokenizer, the data settings, this encoder."""
+        tok = self.tokenizer
+        backend = getattr(tok, "backend_tokenizer", None)
+        vocab = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+        parts = [
+            ENCODE_VERSION,
+            getattr(rows.rows, "_fingerprint", ""),
+            rows.format,
+            vocab,
+            json.dumps(tok.special_tokens_map, sort_keys=True, default=str),
+            str(getattr(tok, "chat_template", None)),
+            type(tok).__name__,
+            str(_adds_bos(tok)),
+            f"{self.max_length}/{self.template}/{self.completion_only}",
+        ]
+        return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:24]
+
+    def encode_rows(self, rows: Rows) -> Any:
+        """Examples for every row: a list for a list of rows; for a Dataset, a cached batched map.
+
+        The map's result is an Arrow file beside the source's own cache, named by ``fingerprint``:
+        a second run or a ``--resume`` reads it (memory-mapped) instead of tokenizing again.
+        """
+        if not isinstance(rows.rows, list):
+            return self._encode_dataset(rows)
         out = []
         for i, row in enumerate(rows.rows, 1):
             try:
@@ -151,6 +182,75 @@ class Encoder:
         if not out:
             raise DataError(f"{rows.path}: no example has a target token left after truncation to {self.max_length}")
         return out
+
+    def _encode_dataset(self, rows: Rows) -> Any:
+        import numpy as np
+        import pyarrow.compute as pc
+
+        ds = rows.rows
+        fp = self.fingerprint(rows)
+        cache = None
+        if ds.cache_files:
+            cache = str(Path(ds.cache_files[0]["filename"]).parent / f"qolora-tokens-{fp}.arrow")
+        nproc = min(os.cpu_count() or 1, 8) if len(ds) >= 50_000 else None
+        if cache and (os.path.exists(cache) or glob.glob(cache[: -len(".arrow")] + "_*_of_*.arrow")):
+            logger.info("%s: tokenized cache used (%s): no tokenization", rows.path, cache)
+        elif cache:
+            logger.info("%s: tokenizing %d rows (cached at %s)", rows.path, len(ds), cache)
+        out = ds.map(
+            _encode_batch,
+            batched=True,
+            batch_size=1000,
+            with_indices=True,
+            fn_kwargs={
+                "encoder": dataclasses.replace(self, stats=EncodeStats()),
+                "fmt": rows.format,
+                "path": rows.path,
+            },
+            remove_columns=ds.column_names,
+            new_fingerprint=fp,
+            cache_file_name=cache,
+            num_proc=nproc,
+            desc=f"tokenizing {Path(rows.path).name}",
+        )
+        n_target = out.data.column("_n_target")
+        keep = pc.greater(n_target, 0)
+        st = self.stats
+        st.rows += int(pc.sum(keep).as_py() or 0)
+        st.no_target += len(out) - int(pc.sum(keep).as_py() or 0)
+        st.truncated += int(pc.sum(out.data.column("_truncated")).as_py() or 0)
+        st.tokens += int(pc.sum(out.data.column("length")).as_py() or 0)
+        st.target_tokens += int(pc.sum(n_target).as_py() or 0)
+        logger.info("%s: %s", rows.path, st)
+        if st.rows == 0:
+            raise DataError(f"{rows.path}: no example has a target token left after truncation to {self.max_length}")
+        if st.no_target:
+            out = out.select(np.flatnonzero(keep.to_numpy(zero_copy_only=False)))
+        return out.remove_columns(["_n_target", "_truncated"])
+
+
+ENCODE_VERSION = "qolora-encode-1"  # bump when encode() changes what it produces, to retire old caches
+
+
+def _encode_batch(batch: dict[str, list[Any]], idx: list[int], encoder: Encoder, fmt: str, path: str) -> dict:
+    """``Encoder.encode`` over a batch of rows, with the per-row counts the stats are summed from."""
+    out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "length": [], "_n_target": [], "_truncated": []}
+    keys = list(batch)
+    for j, i in enumerate(idx):
+        row = {k: batch[k][j] for k in keys}
+        before = encoder.stats.truncated
+        try:
+            ex = encoder.encode(row, fmt)
+        except DataError as e:
+            raise DataError(f"{path} row {i + 1}: {e}") from e
+        truncated = encoder.stats.truncated > before
+        ex = ex or {"input_ids": [], "labels": []}
+        out["input_ids"].append(ex["input_ids"])
+        out["labels"].append(ex["labels"])
+        out["length"].append(len(ex["input_ids"]))
+        out["_n_target"].append(sum(x != IGNORE for x in ex["labels"]))
+        out["_truncated"].append(truncated)
+    return out
 
 
 def _adds_bos(tokenizer: Any) -> bool:
@@ -184,6 +284,43 @@ def pack(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str
     return [p for p in packs if any(x != IGNORE for x in p["labels"])]
 
 
+def _pack_batch(batch: dict[str, list[Any]], max_length: int) -> dict[str, list[Any]]:
+    exs = [{"input_ids": i, "labels": lab} for i, lab in zip(batch["input_ids"], batch["labels"], strict=True)]
+    packs = pack(exs, max_length)
+    return {k: [p[k] for p in packs] for k in ("input_ids", "labels", "position_ids")}
+
+
+def pack_examples(examples: Any, max_length: int) -> Any:
+    """``pack`` for a list, or as a batched map over a Dataset (packs do not span its 10,000-example batches)."""
+    if isinstance(examples, list):
+        return pack(examples, max_length)
+    return examples.map(
+        _pack_batch,
+        batched=True,
+        batch_size=10_000,
+        fn_kwargs={"max_length": max_length},
+        remove_columns=examples.column_names,
+        desc="packing",
+    )
+
+
+def take(examples: Any, start: int = 0, stop: int | None = None) -> list[dict[str, list[int]]]:
+    """Examples ``start:stop`` as a list of dicts, from a list or a Dataset (whose slices are columns)."""
+    stop = len(examples) if stop is None else min(stop, len(examples))
+    if isinstance(examples, list):
+        return examples[start:stop]
+    cols = examples[start:stop]
+    return [dict(zip(cols, vals, strict=True)) for vals in zip(*cols.values(), strict=True)]
+
+
+def head(rows: Rows, n: int | None) -> Rows:
+    """The first ``n`` rows (all when ``n`` is None), for a list or a Dataset."""
+    if not n or n >= len(rows.rows):
+        return rows
+    cut = rows.rows[:n] if isinstance(rows.rows, list) else rows.rows.select(range(n))
+    return Rows(rows.path, rows.format, cut, rows.skipped)
+
+
 def split_rows(rows: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:
     """Hold out ``fraction`` of the rows (at least one) as an eval split, reproducibly."""
     if len(rows.rows) < 2:
@@ -192,8 +329,12 @@ def split_rows(rows: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:
     random.Random(seed).shuffle(idx)
     n_eval = max(1, round(fraction * len(idx)))
     held = set(idx[:n_eval])
-    train = [r for i, r in enumerate(rows.rows) if i not in held]
-    evals = [r for i, r in enumerate(rows.rows) if i in held]
+    if isinstance(rows.rows, list):
+        train = [r for i, r in enumerate(rows.rows) if i not in held]
+        evals = [r for i, r in enumerate(rows.rows) if i in held]
+    else:
+        train = rows.rows.select([i for i in range(len(idx)) if i not in held])
+        evals = rows.rows.select(sorted(held))
     return Rows(rows.path, rows.format, train), Rows(f"{rows.path} (eval split)", rows.format, evals)
 
 

@@ -194,6 +194,7 @@ def build_trainer(
         remove_unused_columns=False,
         dataloader_num_workers=0,
         train_sampling_strategy="group_by_length" if cfg.data.group_by_length else "random",
+        length_column_name="length",  # written by the tokenizing map: no pass over the data to measure
         include_num_input_tokens_seen="all" if cfg.data.packing else "non_padding",  # packs have no padding
         prediction_loss_only=True,
         disable_tqdm=False,
