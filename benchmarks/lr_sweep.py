@@ -96,10 +96,15 @@ def balance(args: argparse.Namespace) -> None:
                 if m["init"] == "olora" and m["r"] == r and m["lr"] in lrs and m.get("final_eval_loss") is not None
             }
             res[label] = {"final_eval_loss": {f"{k:g}": v for k, v in sorted(finals.items())}}
-            if len(finals) == len(lrs):
-                res[label]["spread"] = max(finals.values()) - min(finals.values())
-                res[label]["best"] = min(finals.values())
+        common = sorted(set(res["plain"]["final_eval_loss"]) & set(res["balanced"]["final_eval_loss"]), key=float)
+        res["common_lrs"] = common  # spread and best over the lrs both were run at
+        for label in ("plain", "balanced"):
+            v = [res[label]["final_eval_loss"][k] for k in common]
+            if v:
+                res[label]["spread"], res[label]["best"] = max(v) - min(v), min(v)
+            res[label]["best_any"] = min(res[label]["final_eval_loss"].values(), default=None)
         write_json_atomic(RESULTS / f"chatterbot-balance-r{r}.json", res)
+        plot_balance(res, RESULTS / f"chatterbot-balance-r{r}.png")
         p, b = res["plain"], res["balanced"]
         nan = float("nan")
         pf, bf = p["final_eval_loss"], b["final_eval_loss"]
@@ -109,8 +114,8 @@ def balance(args: argparse.Namespace) -> None:
                 f"chatterbot, r={r}, {args.steps} steps x 8, seed 0",
                 ", ".join(f"{x:g}" for x in lrs),
                 cells,
-                f"{p.get('spread', float('nan')):.3f} → {b.get('spread', float('nan')):.3f}",
-                f"{p.get('best', float('nan')):.3f} → {b.get('best', float('nan')):.3f}",
+                f"{p.get('spread', nan):.3f} → {b.get('spread', nan):.3f} (over {', '.join(res['common_lrs'])})",
+                f"{p.get('best_any') or nan:.3f} → {b.get('best_any') or nan:.3f}",
                 f"`{_common.command()}`",
                 _common.machine(),
                 _common.today(),
@@ -121,6 +126,27 @@ def balance(args: argparse.Namespace) -> None:
         "| date |"
     )
     print("\n".join(rows))
+
+
+def plot_balance(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label in ("plain", "balanced"):
+        pts = sorted((float(k), v) for k, v in res[label]["final_eval_loss"].items())
+        ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=f"OLoRA {label}")
+    ax.set_xscale("log")
+    ax.set(
+        title=f"chatterbot r={res['rank']}, seed 0: OLoRA's factors as QR gives them vs balanced",
+        xlabel="lr",
+        ylabel="final held-out loss (token-weighted)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure_atomic(fig, path)
 
 
 def best_lrs(ranks: list[int]) -> dict[str, list[float]]:
