@@ -75,7 +75,11 @@ class AdapterConfig:
 
 @dataclass
 class DataConfig:
-    train: str = _f("", "training data: a json, jsonl, csv or parquet file, or a saved dataset dir (required)")
+    train: str | list[str | dict] = _f(
+        "",
+        "training data: a jsonl, json, csv, parquet or arrow file, a saved dataset dir or a cached hub id (required); "
+        "or a list of them, each optionally {path, max_rows, fraction}",
+    )
     eval: str | None = _f(None, "held-out data in the same formats; default: data.eval_fraction of the training rows")
     format: Literal["auto", "alpaca", "chat", "prompt_completion", "text"] = _f(
         "auto", "row format: auto (detected), alpaca, chat, prompt_completion, text"
@@ -99,6 +103,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not self.train:
             raise ConfigError("data.train: required (a json, jsonl, csv or parquet file, or a saved dataset dir)")
+        for i, src in enumerate(self.train if isinstance(self.train, list) else []):
+            check_source(src, f"data.train[{i}]")
         if self.max_length < 8:
             raise ConfigError(f"data.max_length: must be >= 8, got {self.max_length}")
         if not 0.0 < self.eval_fraction < 1.0:
@@ -173,6 +179,30 @@ class Config:
             raise ConfigError("model: required (a local HF model folder or a cached hub id)")
         if self.version != CONFIG_VERSION:
             raise ConfigError(f"version: this QOLoRA reads config version {CONFIG_VERSION}, got {self.version}")
+
+
+SOURCE_KEYS = ("path", "max_rows", "fraction")
+
+
+def check_source(src: Any, where: str) -> None:
+    """One entry of a data.train list: a path, or {path, max_rows (>= 1), fraction (in (0, 1])}."""
+    if isinstance(src, str):
+        if not src:
+            raise ConfigError(f"{where}: empty path")
+        return
+    if not isinstance(src, dict):
+        raise ConfigError(f"{where}: expected a path or a mapping with {list(SOURCE_KEYS)}, got {src!r}")
+    unknown = sorted(set(src) - set(SOURCE_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(SOURCE_KEYS)})")
+    if not isinstance(src.get("path"), str) or not src["path"]:
+        raise ConfigError(f"{where}.path: required, a data file, dataset dir or cached hub id")
+    n = src.get("max_rows")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ConfigError(f"{where}.max_rows: must be an integer >= 1, got {n!r}")
+    f = src.get("fraction")
+    if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1):
+        raise ConfigError(f"{where}.fraction: must be in (0, 1], got {f!r}")
 
 
 def _describe(tp: Any) -> str:

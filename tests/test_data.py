@@ -259,3 +259,41 @@ def test_every_source_goes_through_datasets(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(DataError, match="not a dataset id in the local HF cache"):
         load_rows("someone/not-cached-dataset")
+
+
+def test_a_list_of_sources_with_row_caps_and_fractions(tmp_path) -> None:
+    from qolora.config import ConfigError, config_from_dict
+    from qolora.training.data import load_sources
+
+    pc = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(10)]
+    al = [{"instruction": f"i{i}", "input": "", "output": f"o{i}"} for i in range(10)]
+    chat = [
+        {"messages": [{"role": "user", "content": f"u{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(4)
+    ]
+    a, b, c = _jsonl(tmp_path / "a.jsonl", pc), _jsonl(tmp_path / "b.jsonl", al), _jsonl(tmp_path / "c.jsonl", chat)
+    same = load_sources([{"path": a, "max_rows": 3}, a])
+    assert same.format == "prompt_completion" and list(same.rows)[:4] == pc[:3] + pc[:1] and len(same.rows) == 13
+    mixed = load_sources([{"path": a, "max_rows": 4}, {"path": b, "fraction": 0.5}, c], seed=1)
+    assert mixed.format == "chat" and len(mixed.rows) == 4 + 5 + 4
+    msgs = [r["messages"] for r in mixed.rows]
+    assert msgs[0] == [{"role": "user", "content": "p0"}, {"role": "assistant", "content": "c0"}]
+    picked = [m[0]["content"] for m in msgs[4:9]]
+    assert picked == sorted(picked, key=lambda t: int(t[1:])) and all(
+        t.startswith("i") for t in picked
+    )  # in file order
+    assert msgs[9:] == [r["messages"] for r in chat]
+    assert [r["instruction"] for r in load_sources([{"path": b, "fraction": 0.5}], seed=1).rows] == picked  # seeded
+    text = _jsonl(tmp_path / "t.jsonl", [{"text": "plain text"}])
+    with pytest.raises(DataError, match="cannot mix text rows"):
+        load_sources([a, text])
+    base = {"model": "m", "data": {"train": None}}
+    for bad, msg in [
+        ({"path": a, "rows": 3}, r"data.train\[0\].rows: unknown key"),
+        ({"path": a, "fraction": 1.5}, r"data.train\[0\].fraction: must be in \(0, 1\]"),
+        ({"path": a, "max_rows": 0}, r"data.train\[0\].max_rows: must be an integer >= 1"),
+        ({"max_rows": 2}, r"data.train\[0\].path: required"),
+    ]:
+        base["data"]["train"] = [bad]
+        with pytest.raises(ConfigError, match=msg):
+            config_from_dict(base)

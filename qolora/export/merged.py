@@ -213,6 +213,13 @@ def portable_tokenizer_config(cfg: dict) -> dict:
     return cfg
 
 
+def _sources(train: object) -> str:
+    if not train:
+        return "not recorded"
+    items = train if isinstance(train, list) else [train]
+    return ", ".join(str(x["path"] if isinstance(x, dict) else x) for x in items)
+
+
 def model_card(parts: AdapterDir, mode: str, out_dtype: torch.dtype) -> str:
     c, meta = parts.config, parts.meta
     base = meta.base_model or str(parts.checkpoint)
@@ -236,7 +243,7 @@ tags: [qolora, olora, lora, merged]
 - Base model: `{base}`
 - Method: {method} adapters (arXiv 2406.01775) on a {on} base, trained with QOLoRA
 - Rank {c["r"]}, alpha {c["lora_alpha"]}, target modules {c.get("target_modules")}
-- Training data: {(meta.data or {}).get("train", "not recorded")}
+- Training data: {_sources((meta.data or {}).get("train"))}
 - Merge mode `{mode}`: {how}
 - Weights: {dtype_name(out_dtype)} safetensors; loads with `AutoModelForCausalLM.from_pretrained`
 """

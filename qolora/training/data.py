@@ -237,6 +237,74 @@ def check_row(row: Any, fmt: str) -> dict[str, Any]:
     return r
 
 
+def to_messages(row: dict[str, Any], fmt: str) -> list[dict[str, str]]:
+    """A validated row of any format but text as chat turns."""
+    if fmt == "chat":
+        return row["messages"]
+    if fmt == "alpaca":
+        user = row["instruction"] + (f"\n\n{row['input']}" if row["input"].strip() else "")
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+    return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+
+
+def _as_chat_batch(batch: dict[str, list[Any]], fmt: str) -> dict[str, list[Any]]:
+    n = len(next(iter(batch.values())))
+    return {"messages": [to_messages({k: v[j] for k, v in batch.items()}, fmt) for j in range(n)]}
+
+
+def load_sources(train: str | list[Any], fmt: str = "auto", skip_bad_rows: bool = False, seed: int = 0) -> Rows:
+    """``load_rows`` for one source, or a list of them mixed in order.
+
+    Each list entry is a path or ``{path, max_rows, fraction}``: ``fraction`` keeps that share of
+    the source's rows (a seeded random subset, in file order), ``max_rows`` then caps them. Sources
+    of different formats are turned into chat turns (``to_messages``); text rows cannot be.
+    """
+    if isinstance(train, str):
+        return load_rows(train, fmt, skip_bad_rows)
+    import random as _random
+
+    from datasets import Dataset, concatenate_datasets
+
+    parts = []
+    for src in train:
+        spec = {"path": src} if isinstance(src, str) else src
+        got = load_rows(spec["path"], fmt, skip_bad_rows)
+        ds = Dataset.from_list(got.rows) if isinstance(got.rows, list) else got.rows
+        if spec.get("fraction") is not None and spec["fraction"] < 1:
+            k = max(1, round(spec["fraction"] * len(ds)))
+            ds = ds.select(sorted(_random.Random(seed).sample(range(len(ds)), k)))
+        if spec.get("max_rows"):
+            ds = ds.select(range(min(len(ds), spec["max_rows"])))
+        parts.append(Rows(got.path, got.format, ds, got.skipped))
+        logger.info("%s: %d rows taken (%s)", got.path, len(ds), {k: v for k, v in spec.items() if k != "path"})
+    formats = sorted({p.format for p in parts})
+    out_fmt = formats[0]
+    if len(formats) > 1:
+        if "text" in formats:
+            raise DataError(
+                f"data.train: cannot mix text rows with {[f for f in formats if f != 'text']} rows (text has no "
+                "turns to convert); use one format, or convert the text source"
+            )
+        out_fmt = "chat"
+        parts = [
+            p
+            if p.format == "chat"
+            else Rows(
+                p.path,
+                "chat",
+                p.rows.map(
+                    _as_chat_batch, batched=True, fn_kwargs={"fmt": p.format}, remove_columns=p.rows.column_names
+                ),
+                p.skipped,
+            )
+            for p in parts
+        ]
+    tables = [p.rows.cast(parts[0].rows.features) for p in parts]
+    return Rows(
+        " + ".join(p.path for p in parts), out_fmt, concatenate_datasets(tables), sum((p.skipped for p in parts), [])
+    )
+
+
 def _row_error(row: Any, fmt: str) -> tuple[dict[str, Any] | None, str | None]:
     try:
         return check_row(row, fmt), None

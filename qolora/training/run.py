@@ -17,7 +17,7 @@ from ..adapter_dir import DATA_KEYS, META_FILE
 from ..adapters import check_ranks, get_qolora_model, load_adapter, save_adapter
 from ..config import Config, ConfigError, changed_on_resume, dump_config
 from ..quant import check_kernel, meta_model, resolve_model
-from .data import load_rows
+from .data import load_rows, load_sources
 from .tokenize import Encoder, head, pack_examples, split_rows
 from .trainer import build_trainer, check_report_to, prepare_for_training_
 
@@ -54,7 +54,7 @@ def load_tokenizer(model: str) -> Any:
 def prepare_data(cfg: Config, tokenizer: Any) -> tuple[list, list, dict[str, Any]]:
     """Validate and tokenize every row before any model is loaded."""
     d = cfg.data
-    rows = head(load_rows(d.train, d.format, d.skip_bad_rows), d.max_train_rows)
+    rows = head(load_sources(d.train, d.format, d.skip_bad_rows, cfg.train.seed), d.max_train_rows)
     if d.eval:
         eval_rows = load_rows(d.eval, d.format, d.skip_bad_rows)
     else:

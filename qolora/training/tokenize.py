@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .data import DataError, Rows
+from .data import DataError, Rows, to_messages
 from .losses import IGNORE
 
 logger = logging.getLogger(__name__)
@@ -33,15 +33,6 @@ def alpaca_prompt(instruction: str, inp: str) -> str:
     if inp.strip():
         text += f"### Input:\n{inp}\n\n"
     return text + "### Response:\n"
-
-
-def _as_messages(row: dict[str, Any], fmt: str) -> list[dict[str, str]]:
-    if fmt == "chat":
-        return row["messages"]
-    if fmt == "alpaca":
-        user = row["instruction"] + (f"\n\n{row['input']}" if row["input"].strip() else "")
-        return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
-    return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
 
 
 def chat_segments(messages: list[dict[str, str]], tokenizer: Any) -> Segments:
@@ -115,7 +106,7 @@ class Encoder:
     def segments(self, row: dict[str, Any], fmt: str) -> tuple[Segments, bool]:
         """Segments and whether they are a complete chat-template rendering."""
         if fmt != "text" and self.template == "chat":
-            return chat_segments(_as_messages(row, fmt), self.tokenizer), True
+            return chat_segments(to_messages(row, fmt), self.tokenizer), True
         return plain_segments(row, fmt), False
 
     def encode(self, row: dict[str, Any], fmt: str) -> dict[str, list[int]] | None:
