@@ -115,14 +115,14 @@ def main() -> None:
                     f"{agree}/{total} ({100 * agree / total:.1f}%)",
                     f"{max_diff:.3f}",
                     f"{sum(c['same'] for c in conts)}/{len(conts)}",
-                    f"export {res.seconds['export']:.1f} s + convert {res.seconds['convert']:.1f} s",
+                    " + ".join(f"{k} {v:.1f} s" for k, v in res.seconds.items()),
                     f"`{_common.command()}`",
                     _common.machine(),
                     _common.today(),
                 )
             )
             del llm
-    write_json_atomic(RESULTS / "llamacpp.json", results)
+    write_json_atomic(RESULTS / f"llamacpp-{args.types.replace(',', '-')}.json", results)
     print(
         "| what | tokenization same | top-1 next token agrees | max logit diff | greedy continuations same "
         "| time | command | machine | date |"

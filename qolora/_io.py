@@ -70,6 +70,7 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict:
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path``; readers see the old file or the whole new one, never a part."""
     p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(text)
