@@ -7,7 +7,7 @@ Needs llama-cpp-python (built from source: `pip install llama-cpp-python==0.3.36
 2 cores) and the demo data (`qolora prepare-demo`). Per type it measures export + conversion time,
 tokenization agreement, top-1 next-token agreement at every position of chat-rendered eval rows
 (prompt and answer), the max logit difference, and greedy continuations side by side. Writes
-benchmarks/results/gguf/llamacpp.json and prints the BENCHMARKS.md rows.
+benchmarks/results/gguf/llamacpp-<types>.json and prints the BENCHMARKS.md rows.
 """
 
 from __future__ import annotations
