@@ -7,7 +7,7 @@ and, per implementation, runs `qolora train` on the demo model (examples/demo.ya
 fresh process twice: cold (empty HF datasets cache) and warm (the same cache again). Each child
 reports when the data was ready (validated and tokenized), when the first optimizer step ended,
 and its peak RSS (and its worker processes'). "old" is the code at --ref, checked out in a
-temporary git worktree. Needs `qolora prepare-demo`. Writes benchmarks/results/data_scale.json and
+temporary git worktree. Needs `qolora prepare-demo`. Writes benchmarks/results/data_scale-*.json and
 prints the BENCHMARKS.md rows.
 """
 
@@ -129,10 +129,11 @@ def main() -> None:
                 subprocess.run(["git", "worktree", "remove", "--force", str(src)], cwd=ROOT, check=False)
             for k, m in got.items():
                 if "error" in m:
-                    cells = [m["error"][:80], "-", "-", "-"]
+                    cells = [m["error"][:80], "-", "-", "-", "-"]
                 else:
                     cells = [
                         f"{m['data_ready_s']:.1f} s",
+                        f"{m['rss_at_data_ready'] / 2**30:.2f} GiB",
                         f"{m['first_step_s']:.1f} s",
                         f"{m['peak_rss'] / 2**30:.2f} GiB",
                         f"{m['peak_rss_workers'] / 2**30:.2f} GiB",
@@ -147,10 +148,13 @@ def main() -> None:
                         _common.today(),
                     )
                 )
-    out = ROOT / "benchmarks" / "results" / "data_scale.json"
+    out = ROOT / "benchmarks" / "results" / f"data_scale-{args.rows}-{args.impls.replace(',', '-')}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print("| run | data ready | first step done | peak RSS | peak RSS of workers | command | machine | date |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| run | data ready | peak RSS by then | first step done | peak RSS | peak RSS of workers | command | machine "
+        "| date |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 
