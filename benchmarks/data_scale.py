@@ -31,6 +31,8 @@ RUNS = ROOT / "runs" / "data_scale"
 
 CHILD = r"""
 import json, os, resource, sys, time
+import qolora
+assert os.path.realpath(qolora.__file__).startswith(os.path.realpath(os.environ["PYTHONPATH"])), qolora.__file__
 t0 = time.perf_counter()
 from transformers import TrainerCallback
 import qolora.training.run as run
@@ -93,10 +95,11 @@ def generate(n: int, path: Path) -> None:
 
 
 def child(src: Path, data: Path, cache: Path, out: Path) -> dict:
+    # cwd too: `python -c` puts the working directory before PYTHONPATH on sys.path
     env = {**os.environ, "PYTHONPATH": str(src), "HF_DATASETS_CACHE": str(cache), "TQDM_DISABLE": "1"}
     shutil.rmtree(out, ignore_errors=True)
     p = subprocess.run(
-        [sys.executable, "-c", CHILD, str(data), str(out)], cwd=ROOT, env=env, capture_output=True, text=True
+        [sys.executable, "-c", CHILD, str(data), str(out)], cwd=src, env=env, capture_output=True, text=True
     )
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
