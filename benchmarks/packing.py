@@ -1,13 +1,12 @@
 """Padded, length-grouped and packed batches on the demo: padding fraction and real tokens per second.
 
-    python benchmarks/packing.py [--steps 10]
+    python benchmarks/packing.py [--steps 10] [--modes padded,grouped,packed]
 
 Trains examples/demo.yaml (OLoRA r16, 4-bit, chatterbot) for --steps steps three ways: padded batches
 of 8 (today's default), batches of 8 grouped by length (data.group_by_length), and padding-free packs
-(data.packing, max_length 512, one pack per step: about as many real tokens per step as a padded
-batch of 8 holds). It counts, in every batch the collator builds, the positions that are padding, and
-times the steps (first step left out: warm-up). Prints the BENCHMARKS.md rows and writes
-benchmarks/results/packing.json.
+(data.packing: 8 packs of up to max_length = 128 tokens per step, laid out as one row). It counts,
+in every batch a training step uses, the positions that are padding, and times the steps (first step
+left out: warm-up). Prints the BENCHMARKS.md rows and writes benchmarks/results/packing-<modes>.json.
 """
 
 from __future__ import annotations
@@ -24,12 +23,11 @@ from transformers import TrainerCallback  # noqa: E402
 import qolora.training.run as run  # noqa: E402
 from qolora._io import write_json_atomic  # noqa: E402
 from qolora.config import load_config  # noqa: E402
-from qolora.training import tokenize  # noqa: E402
 
 MODES = {
     "padded": ["train.batch_size=8"],
     "grouped": ["train.batch_size=8", "data.group_by_length=true"],
-    "packed": ["train.batch_size=1", "data.packing=true"],
+    "packed": ["train.batch_size=8", "data.packing=true"],
 }
 
 
@@ -42,16 +40,17 @@ class Timer(TrainerCallback):
 
 
 def measure(mode: str, steps: int) -> dict:
-    counts = {"positions": [], "real": []}
-    real_call = tokenize.Collator.__call__
+    from qolora.training.trainer import QoloraTrainer
 
-    def counting(self, batch):  # noqa: ANN001
-        out = real_call(self, batch)
-        mask = out.get("attention_mask")
-        n = out["input_ids"].numel()
+    counts: dict[str, list[int]] = {"positions": [], "real": []}
+    real_step = QoloraTrainer.training_step
+
+    def counting(self, model, inputs, *a, **k):  # noqa: ANN001 - the batches training really uses
+        mask = inputs.get("attention_mask")
+        n = inputs["input_ids"].numel()
         counts["positions"].append(n)
         counts["real"].append(int(mask.sum()) if mask is not None else n)
-        return out
+        return real_step(self, model, inputs, *a, **k)
 
     timer = Timer()
     build = run.build_trainer
@@ -61,7 +60,7 @@ def measure(mode: str, steps: int) -> dict:
         trainer.add_callback(timer)
         return trainer
 
-    tokenize.Collator.__call__ = counting
+    QoloraTrainer.training_step = counting
     run.build_trainer = build_with_timer
     try:
         out = Path("runs/packing") / mode
@@ -82,10 +81,10 @@ def measure(mode: str, steps: int) -> dict:
             shutil.rmtree(out)
         run.train(cfg)
     finally:
-        tokenize.Collator.__call__ = real_call
+        QoloraTrainer.training_step = real_step
         run.build_trainer = build
-    # the train batches are the last `steps` collations (eval batches come first, at step 0)
-    pos, real = counts["positions"][-steps:], counts["real"][-steps:]
+    pos, real = counts["positions"], counts["real"]
+    assert len(pos) == steps, (len(pos), steps)  # one batch per step (grad_accum 1)
     secs = timer.ends[-1] - timer.ends[0]  # steps 2..N: the first is warm-up
     return {
         "steps": steps,
@@ -100,9 +99,10 @@ def measure(mode: str, steps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--modes", default=",".join(MODES))
     args = ap.parse_args()
-    res = {m: measure(m, args.steps) for m in MODES}
-    write_json_atomic(Path("benchmarks/results/packing.json"), res)
+    res = {m: measure(m, args.steps) for m in args.modes.split(",")}
+    write_json_atomic(Path(f"benchmarks/results/packing-{args.modes.replace(',', '-')}.json"), res)
     print("| batches | padding fraction | real tokens / step | real tokens/s | s/step | command | machine | date |")
     print("|---|---|---|---|---|---|---|---|")
     for m, r in res.items():
