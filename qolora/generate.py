@@ -18,7 +18,7 @@ from typing import IO, Any
 
 import torch
 
-from .adapter_dir import META_FILE, read_adapter_dir
+from .adapter_dir import META_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +46,11 @@ def load_chat_model(path: str | os.PathLike[str], template: str = "auto", progre
 
     p = Path(path)
     if (p / META_FILE).is_file():
-        ad = read_adapter_dir(p)
-        tok_dir = ad.meta.checkpoint or ad.meta.base_model
         model = load_adapter(p, progress=progress)
-        recorded = (ad.meta.data or {}).get("template", "auto")
-        source = f"QOLoRA adapter {p} on its 4-bit base" if ad.meta.quant else f"QOLoRA adapter {p}"
+        meta = next(iter(model.qolora_states.values())).meta
+        tok_dir = meta.checkpoint or meta.base_model
+        recorded = (meta.data or {}).get("template", "auto")
+        source = f"QOLoRA adapter {p} on its 4-bit base" if meta.quant else f"QOLoRA adapter {p}"
     elif (p / "config.json").is_file():
         tok_dir, recorded = p, "auto"
         device = "cuda" if torch.cuda.is_available() else "cpu"

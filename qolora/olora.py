@@ -64,7 +64,7 @@ def balance_factors(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, tor
     floating point (no overflow or subnormals at these magnitudes) and B·A is bit-identical; the
     residual, and so the 4-bit base, does not change. Among all c with the same product this one
     (up to the power-of-two rounding) minimises ‖B_j‖ + ‖A_j‖, which sets how far one Adam step
-    moves B·A: OLoRA's A = R[:r] sits at the scale of W (row norms 1-55 on SmolLM2-135M against
+    moves B·A: OLoRA's A = R[:r] sits at the scale of W (row norms 1.4-55 in the SmolLM2-135M layers checked, against
     B's unit columns), so the same lr moves some layers' product tens of times further than
     others'.
 

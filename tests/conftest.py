@@ -112,13 +112,10 @@ def make_tokenizer(chat: bool = True):
     return tok
 
 
-@pytest.fixture(scope="session")
-def chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Llama with a word-level tokenizer and a chat template, as a plain HF folder."""
+def _save_tiny_llama(d: Path, tok, seed: int) -> Path:
+    """A tiny Llama (4 heads, 2 kv heads) sized to ``tok``, saved with it as a plain HF folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    d = tmp_path_factory.mktemp("chat_model")
-    tok = make_tokenizer()
     cfg = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=64,
@@ -131,10 +128,16 @@ def chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    torch.manual_seed(4321)
+    torch.manual_seed(seed)
     LlamaForCausalLM(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with a word-level tokenizer and a chat template, as a plain HF folder."""
+    return _save_tiny_llama(tmp_path_factory.mktemp("chat_model"), make_tokenizer(), 4321)
 
 
 def tiny_data(tmp_path, n: int = 24) -> str:
@@ -239,23 +242,5 @@ def make_bpe_tokenizer():
 
 @pytest.fixture(scope="session")
 def bpe_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Llama (4 heads, 2 kv heads) with a BPE tokenizer and a chat template: what GGUF export needs."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    d = tmp_path_factory.mktemp("bpe_model")
-    tok = make_bpe_tokenizer()
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(99)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    """A tiny Llama with a BPE tokenizer and a chat template: what GGUF export needs."""
+    return _save_tiny_llama(tmp_path_factory.mktemp("bpe_model"), make_bpe_tokenizer(), 99)

@@ -16,7 +16,6 @@ a llama.cpp checkout, or set ``$QOLORA_LLAMA_CPP``.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import subprocess
@@ -178,15 +177,12 @@ def read_metadata(gguf: Any, path: Path) -> tuple[dict[str, Any], int]:
     return meta, len(reader.tensors)
 
 
-def check_metadata(meta: dict[str, Any], merged: Path) -> None:
+def check_metadata(meta: dict[str, Any], tok: Any) -> None:
     """The GGUF's chat template and special tokens must be the merged model's tokenizer's.
 
     Raises:
         ValueError: naming the first field that differs.
     """
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(merged)
     want = {
         "tokenizer.ggml.bos_token_id": tok.bos_token_id,
         "tokenizer.ggml.eos_token_id": tok.eos_token_id,
@@ -210,17 +206,10 @@ _CHATML = """{{- if .System }}<|im_start|>system
 """
 
 
-def modelfile(gguf_name: str, meta: dict[str, Any], merged: Path) -> str:
+def modelfile(gguf_name: str, meta: dict[str, Any], tok: Any) -> str:
     """An Ollama Modelfile: FROM the GGUF, its chat template for ChatML, and the stop tokens."""
     template = meta.get("tokenizer.chat_template") or ""
-    cfg_path = merged / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    stops = []
-    for key in ("eos_token",):
-        tok = cfg.get(key)
-        tok = tok.get("content") if isinstance(tok, dict) else tok
-        if tok:
-            stops.append(tok)
+    stops = [tok.eos_token] if tok.eos_token else []
     lines = [f"FROM ./{gguf_name}"]
     if "<|im_start|>" in template:
         lines.append(f'TEMPLATE """{_CHATML}"""')
@@ -290,9 +279,12 @@ def export_gguf(
             raw = tmp / "q.gguf"
             seconds["quantize"] = time.perf_counter() - t0
         meta, n_tensors = read_metadata(gguf, raw)
-        check_metadata(meta, merged)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(merged)
+        check_metadata(meta, tok)
         mf = out.with_name(out.stem + ".Modelfile")
-        write_text_atomic(mf, modelfile(out.name, meta, merged))
+        write_text_atomic(mf, modelfile(out.name, meta, tok))
         os.replace(raw, out)
     result = GGUFResult(out, type, out.stat().st_size, n_tensors, mf, seconds, meta)
     logger.info("%s", result)

@@ -22,6 +22,7 @@ import csv
 import json
 import logging
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,12 +46,18 @@ class DataError(ValueError):
 
 @dataclass
 class Rows:
-    """Validated rows of one source, in one format: a ``datasets.Dataset`` (a plain list is accepted too)."""
+    """Validated rows of one source, in one format, as a ``datasets.Dataset`` (a list is converted)."""
 
     path: str
     format: str
     rows: Any
     skipped: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rows, list):
+            from datasets import Dataset
+
+            self.rows = Dataset.from_list(self.rows)
 
 
 def _python_rows(p: Path) -> list[Any]:
@@ -66,27 +73,28 @@ def _python_rows(p: Path) -> list[Any]:
                 except json.JSONDecodeError as e:
                     raise DataError(f"{p} row {i}: not valid JSON ({e.msg} at column {e.colno})") from e
         return rows
+    key, data = _json_rows(p)
+    return data if key is None else data[key]
+
+
+def _json_rows(p: Path) -> tuple[str | None, Any]:
+    """A parsed .json file and the key holding its rows: None for a list, "train" for {"train": [...]}."""
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    if isinstance(data, list):
+        return None, data
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-        data = next(iter(data.values()))  # {"train": [...]} / {"data": [...]}
-    if not isinstance(data, list):
-        raise DataError(f"{p}: expected a JSON list of rows")
-    return data
+        return next(iter(data)), data  # {"train": [...]} / {"data": [...]}
+    raise DataError(f"{p}: expected a JSON list of rows")
 
 
 def _json_field(p: Path) -> str | None:
-    """The key of a ``{"train": [...]}`` .json file, else None (a list)."""
+    """The key of a ``{"train": [...]}`` .json file, else None (a list: datasets reads it as it is)."""
     with open(p, encoding="utf-8") as f:
         head = f.read(4096).lstrip()
-    if not head.startswith("{"):
-        return None
-    obj = json.loads(p.read_text(encoding="utf-8"))
-    if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
-        return next(iter(obj))
-    raise DataError(f"{p}: expected a JSON list of rows")
+    return _json_rows(p)[0] if head.startswith("{") else None
 
 
 def _load_file(p: Path) -> Any:
@@ -147,10 +155,13 @@ def _from_hub_cache(name: str) -> Any:
     """A hub dataset id, from the local HF cache only; a missing file otherwise."""
     looks_like_id = "/" in name and not name.startswith((".", "/")) and Path(name).suffix == ""
     if looks_like_id:
+        import datasets.config
+        import huggingface_hub.constants
         from datasets import load_dataset
 
-        old = os.environ.get("HF_DATASETS_OFFLINE")
-        os.environ["HF_DATASETS_OFFLINE"] = "1"
+        # both read HF_*_OFFLINE at import, so the environment is too late here: set their flags
+        saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+        datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
         try:
             return load_dataset(name, split="train")
         except Exception as e:  # noqa: BLE001
@@ -158,10 +169,7 @@ def _from_hub_cache(name: str) -> Any:
                 f"{name}: no such data file, and not a dataset id in the local HF cache ({type(e).__name__})"
             ) from e
         finally:
-            if old is None:
-                os.environ.pop("HF_DATASETS_OFFLINE", None)
-            else:
-                os.environ["HF_DATASETS_OFFLINE"] = old
+            datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
     raise DataError(f"{name}: data file not found")
 
 
@@ -247,9 +255,13 @@ def to_messages(row: dict[str, Any], fmt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
 
 
+def batch_rows(batch: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """A batched map's columns as one dict per row."""
+    return [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+
+
 def _as_chat_batch(batch: dict[str, list[Any]], fmt: str) -> dict[str, list[Any]]:
-    n = len(next(iter(batch.values())))
-    return {"messages": [to_messages({k: v[j] for k, v in batch.items()}, fmt) for j in range(n)]}
+    return {"messages": [to_messages(row, fmt) for row in batch_rows(batch)]}
 
 
 def load_sources(train: str | list[Any], fmt: str = "auto", skip_bad_rows: bool = False, seed: int = 0) -> Rows:
@@ -261,18 +273,16 @@ def load_sources(train: str | list[Any], fmt: str = "auto", skip_bad_rows: bool 
     """
     if isinstance(train, str):
         return load_rows(train, fmt, skip_bad_rows)
-    import random as _random
-
-    from datasets import Dataset, concatenate_datasets
+    from datasets import concatenate_datasets
 
     parts = []
     for src in train:
         spec = {"path": src} if isinstance(src, str) else src
         got = load_rows(spec["path"], fmt, skip_bad_rows)
-        ds = Dataset.from_list(got.rows) if isinstance(got.rows, list) else got.rows
+        ds = got.rows
         if spec.get("fraction") is not None and spec["fraction"] < 1:
             k = max(1, round(spec["fraction"] * len(ds)))
-            ds = ds.select(sorted(_random.Random(seed).sample(range(len(ds)), k)))
+            ds = ds.select(sorted(random.Random(seed).sample(range(len(ds)), k)))
         if spec.get("max_rows"):
             ds = ds.select(range(min(len(ds), spec["max_rows"])))
         parts.append(Rows(got.path, got.format, ds, got.skipped))
@@ -324,11 +334,10 @@ _EMPTY = {
 
 def _check_batch(batch: dict[str, list[Any]], fmt: str) -> dict[str, list[Any]]:
     """Validation as a batched map: normalized columns, and the error per row (None when good)."""
-    n = len(next(iter(batch.values()))) if batch else 0
     out: dict[str, list[Any]] = {k: [] for k in _EMPTY[fmt]}
     out[ERROR] = []
-    for j in range(n):
-        good, err = _row_error({k: v[j] for k, v in batch.items()}, fmt)
+    for row in batch_rows(batch):
+        good, err = _row_error(row, fmt)
         for k, v in (good or _EMPTY[fmt]).items():
             out[k].append(v)
         out[ERROR].append(err)
@@ -370,23 +379,21 @@ def load_rows(path: str | os.PathLike[str], fmt: str = "auto", skip_bad_rows: bo
     elif fmt not in FORMATS:
         raise DataError(f"data.format: unknown format {fmt!r}; use auto, {', '.join(FORMATS)}")
     if isinstance(raw, list):  # a json file datasets could not make one table of: row by row
-        from datasets import Dataset
-
-        good, skipped = [], []
+        rows: Any = []  # Rows makes a Dataset of it
+        skipped = []
         for i, row in enumerate(raw, 1):
             ok, err = _row_error(row, fmt)
             if ok is not None:
-                good.append(ok)
+                rows.append(ok)
             else:
                 skipped.append(f"{p} row {i}: {err}")
-        rows: Any = Dataset.from_list(good) if good else None
     else:
         rows, skipped = _validate_table(p, raw, fmt)
     if skipped and not skip_bad_rows:
         raise DataError(skipped[0] + "; fix it or set data.skip_bad_rows=true")
     if skipped:
         logger.warning("%s: skipped %d bad rows (first: %s)", p, len(skipped), skipped[0])
-    if rows is None or len(rows) == 0:
+    if len(rows) == 0:
         raise DataError(f"{p}: no valid rows")
     logger.info("%s: %d rows, format %s", p, len(rows), fmt)
     return Rows(p, fmt, rows, skipped)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .data import DataError, Rows, to_messages
+from .data import DataError, Rows, batch_rows, to_messages
 from .losses import IGNORE
 
 logger = logging.getLogger(__name__)
@@ -154,27 +154,12 @@ class Encoder:
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:24]
 
     def encode_rows(self, rows: Rows) -> Any:
-        """Examples for every row: a list for a list of rows; for a Dataset, a cached batched map.
+        """Examples for every row, as a batched map over the Dataset.
 
-        The map's result is an Arrow file beside the source's own cache, named by ``fingerprint``:
-        a second run or a ``--resume`` reads it (memory-mapped) instead of tokenizing again.
+        For a file-backed Dataset the result is an Arrow file beside the source's own cache, named
+        by ``fingerprint``: a second run or a ``--resume`` reads it (memory-mapped) instead of
+        tokenizing again.
         """
-        if not isinstance(rows.rows, list):
-            return self._encode_dataset(rows)
-        out = []
-        for i, row in enumerate(rows.rows, 1):
-            try:
-                ex = self.encode(row, rows.format)
-            except DataError as e:
-                raise DataError(f"{rows.path} row {i}: {e}") from e
-            if ex is not None:
-                out.append(ex)
-        logger.info("%s: %s", rows.path, self.stats)
-        if not out:
-            raise DataError(f"{rows.path}: no example has a target token left after truncation to {self.max_length}")
-        return out
-
-    def _encode_dataset(self, rows: Rows) -> Any:
         import numpy as np
         import pyarrow.compute as pc
 
@@ -226,9 +211,7 @@ ENCODE_VERSION = "qolora-encode-1"  # bump when encode() changes what it produce
 def _encode_batch(batch: dict[str, list[Any]], idx: list[int], encoder: Encoder, fmt: str, path: str) -> dict:
     """``Encoder.encode`` over a batch of rows, with the per-row counts the stats are summed from."""
     out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "length": [], "_n_target": [], "_truncated": []}
-    keys = list(batch)
-    for j, i in enumerate(idx):
-        row = {k: batch[k][j] for k in keys}
+    for i, row in zip(idx, batch_rows(batch), strict=True):
         before = encoder.stats.truncated
         try:
             ex = encoder.encode(row, fmt)
@@ -276,8 +259,7 @@ def pack(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str
 
 
 def _pack_batch(batch: dict[str, list[Any]], max_length: int) -> dict[str, list[Any]]:
-    exs = [{"input_ids": i, "labels": lab} for i, lab in zip(batch["input_ids"], batch["labels"], strict=True)]
-    packs = pack(exs, max_length)
+    packs = pack(batch_rows(batch), max_length)
     return {k: [p[k] for p in packs] for k in ("input_ids", "labels", "position_ids")}
 
 
@@ -300,16 +282,14 @@ def take(examples: Any, start: int = 0, stop: int | None = None) -> list[dict[st
     stop = len(examples) if stop is None else min(stop, len(examples))
     if isinstance(examples, list):
         return examples[start:stop]
-    cols = examples[start:stop]
-    return [dict(zip(cols, vals, strict=True)) for vals in zip(*cols.values(), strict=True)]
+    return batch_rows(examples[start:stop])
 
 
 def head(rows: Rows, n: int | None) -> Rows:
-    """The first ``n`` rows (all when ``n`` is None), for a list or a Dataset."""
+    """The first ``n`` rows (all when ``n`` is None)."""
     if not n or n >= len(rows.rows):
         return rows
-    cut = rows.rows[:n] if isinstance(rows.rows, list) else rows.rows.select(range(n))
-    return Rows(rows.path, rows.format, cut, rows.skipped)
+    return Rows(rows.path, rows.format, rows.rows.select(range(n)), rows.skipped)
 
 
 def split_rows(rows: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:
@@ -320,12 +300,8 @@ def split_rows(rows: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:
     random.Random(seed).shuffle(idx)
     n_eval = max(1, round(fraction * len(idx)))
     held = set(idx[:n_eval])
-    if isinstance(rows.rows, list):
-        train = [r for i, r in enumerate(rows.rows) if i not in held]
-        evals = [r for i, r in enumerate(rows.rows) if i in held]
-    else:
-        train = rows.rows.select([i for i in range(len(idx)) if i not in held])
-        evals = rows.rows.select(sorted(held))
+    train = rows.rows.select([i for i in range(len(idx)) if i not in held])
+    evals = rows.rows.select(sorted(held))
     return Rows(rows.path, rows.format, train), Rows(f"{rows.path} (eval split)", rows.format, evals)
 
 
