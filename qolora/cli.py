@@ -51,7 +51,10 @@ def _train(args: argparse.Namespace) -> int:
         print(commented_yaml(cfg), end="")
         return 0
     out = train(cfg, resume=args.resume)
-    print(f"adapter written to {out}; metrics in {out.parent / 'metrics.json'}, plot in {out.parent / 'loss.png'}")
+    from .distributed import world
+
+    if world().is_main:
+        print(f"adapter written to {out}; metrics in {out.parent / 'metrics.json'}, plot in {out.parent / 'loss.png'}")
     return 0
 
 
@@ -302,6 +305,9 @@ def _setup_logging(verbose: bool) -> None:
         h.setFormatter(fmt)
         root.addHandler(h)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    from .distributed import configure_logging
+
+    configure_logging(root)  # several processes: info from rank 0 only, warnings and errors name their rank
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -314,7 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except (ValueError, OSError, ExternalToolError) as e:  # FileNotFoundError and FileExistsError are OSErrors
         msg = " ".join(str(e).split())  # one line, also for libraries' multi-line messages
-        print(f"qolora {args.command}: error: {msg}", file=sys.stderr)
+        from .distributed import rank_prefix
+
+        print(f"qolora {args.command}: error: {rank_prefix()}{msg}", file=sys.stderr)
         return 2
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .choices import DTYPE_NAMES, INIT_SOURCES, INITS, QUANT_TYPES, REPORT_TO, TRAIN_OPTIMIZERS
+from .choices import DISTRIBUTED_MODES, DTYPE_NAMES, INIT_SOURCES, INITS, QUANT_TYPES, REPORT_TO, TRAIN_OPTIMIZERS
 
 CONFIG_VERSION = 1
 
@@ -144,6 +144,11 @@ class TrainConfig:
         "log to: none, tensorboard (events in output_dir/runs/), wandb, mlflow (each: pip install 'qolora[NAME]')",
     )
     kernel_check: bool = _f(True, "check a 4-bit layer against its fp32 twin on this device before step 1")
+    distributed: Literal[DISTRIBUTED_MODES] = _f(
+        "auto",
+        "under torchrun / accelerate launch: ddp (a full model per rank) or fsdp (FSDP2: the base sharded "
+        "across ranks); auto is ddp whenever there is more than one process",
+    )
 
     def __post_init__(self) -> None:
         for name in (
@@ -336,6 +341,15 @@ def changed_on_resume(saved: dict[str, Any], cfg: Config) -> list[str]:
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def flat_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as {dotted key: value}."""
+    return {
+        f"{k}.{kk}" if isinstance(v, dict) else k: vv
+        for k, v in to_dict(cfg).items()
+        for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])
+    }
 
 
 def dump_config(cfg: Config, path: str | os.PathLike[str]) -> None:

@@ -15,6 +15,7 @@ from .nf4 import (
     quantize_linear,
     requantize_,
     roundtrip,
+    state_tensors,
 )
 from .source import CheckpointWeights, find_checkpoint, fingerprint, fingerprint_mismatch, resolve_model
 
@@ -46,4 +47,5 @@ __all__ = [
     "quantize_linear",
     "requantize_",
     "roundtrip",
+    "state_tensors",
 ]

@@ -117,6 +117,24 @@ def quant_settings(layer: nn.Module) -> QuantSettings:
     )
 
 
+def state_tensors(layer: nn.Module) -> tuple[str, list[tuple[str, torch.Tensor]]]:
+    """Everything a ``Linear4bit`` weight is made of: a description and its tensors, in order.
+
+    The description holds the shape, dtype, quant type, blocksize and storage dtype; the tensors
+    are the packed data, absmax, and with double quantization the nested absmax, offset and
+    both codebooks. Two layers with equal descriptions and bit-equal tensors dequantize alike.
+    """
+    _standard_layout(layer)
+    w = layer.weight
+    qs = w.quant_state
+    desc = f"{tuple(qs.shape)} {qs.dtype} {qs.quant_type} bs{qs.blocksize} {w.data.dtype}{tuple(w.data.shape)}"
+    parts = [("data", w.data), ("absmax", qs.absmax), ("code", qs.code)]
+    if qs.nested:
+        desc += f" nested bs{qs.state2.blocksize}"
+        parts += [("offset", qs.offset), ("state2.absmax", qs.state2.absmax), ("state2.code", qs.state2.code)]
+    return desc, parts
+
+
 def dequantize(layer: nn.Module) -> torch.Tensor:
     """Dequantize a ``Linear4bit`` weight.
 

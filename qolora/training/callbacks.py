@@ -87,7 +87,9 @@ class MetricsCallback(TrainerCallback):
         return m
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self.write(state)
+        if state.is_world_process_zero:
+            self.write(state)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self.write(state)
+        if state.is_world_process_zero:
+            self.write(state)

@@ -12,10 +12,10 @@ from typing import Any
 
 from torch import nn
 
-from .. import quant
+from .. import distributed, quant
 from ..adapter_dir import DATA_KEYS, META_FILE
 from ..adapters import check_ranks, get_qolora_model, load_adapter, save_adapter
-from ..config import Config, ConfigError, changed_on_resume, dump_config
+from ..config import Config, ConfigError, changed_on_resume, dump_config, flat_dict
 from ..quant import check_kernel, meta_model, resolve_model
 from .data import load_rows, load_sources
 from .tokenize import Encoder, head, pack_examples, split_rows
@@ -69,9 +69,11 @@ def prepare_data(cfg: Config, tokenizer: Any) -> tuple[list, list, dict[str, Any
     return train_ex, eval_ex, stats
 
 
-def load_base(cfg: Config) -> nn.Module:
+def load_base(cfg: Config, device_map: Any = None) -> nn.Module:
     q = cfg.quant
-    return quant.load_base(cfg.model, quant_type=q.type, compute_dtype=q.compute_dtype, double_quant=q.double_quant)
+    return quant.load_base(
+        cfg.model, quant_type=q.type, compute_dtype=q.compute_dtype, double_quant=q.double_quant, device_map=device_map
+    )
 
 
 def lora_config(cfg: Config) -> Any:
@@ -107,43 +109,94 @@ def check_resume(cfg: Config, out: Path) -> None:
         )
 
 
+def check_world_size(out: Path, w: distributed.World) -> None:
+    """A --resume runs at the world size its checkpoints were written at (their data order and RNG)."""
+    import json
+
+    try:
+        before = json.loads((out / "metrics.json").read_text()).get("world_size", 1)
+    except (OSError, ValueError):
+        return
+    if before != w.size:
+        raise ConfigError(
+            f"--resume: the run in {out} ran on {before} process(es), this launch has {w.size}; relaunch with "
+            f"{before} (torchrun --nproc_per_node / accelerate launch --num_processes), or start a new train.output_dir"
+        )
+
+
+def init_once(cfg: Config, base: nn.Module, out: Path, fresh: bool, w: distributed.World) -> tuple[nn.Module, list]:
+    """The OLoRA init runs once, on rank 0, and is written to ``initial_adapter/``; every other rank
+    (and a resume) rebuilds that exact base from it without a QR. Per-rank digests then prove that
+    every rank holds the same base and factors (docs/design.md, "one init, every rank")."""
+    initial = out / INITIAL_ADAPTER
+    data = {k: getattr(cfg.data, k) for k in DATA_KEYS}  # in qolora.json: eval and export read it there
+    if fresh and w.is_main:
+        a = cfg.adapter
+        model = get_qolora_model(base, lora_config(cfg), init_source=a.init_source, balance=a.olora_balance)
+        model.qolora_states["default"].meta.data = data
+        save_adapter(model, initial)
+    distributed.barrier(w)
+    if not (fresh and w.is_main):
+        model = load_adapter(initial, base, is_trainable=True, progress=w.is_main)  # exact base, no QR
+        model.qolora_states["default"].meta.data = data
+    digests = distributed.verify_same_model(model, w, model.qolora_states["default"].factors)
+    return model, digests
+
+
 def train(cfg: Config, resume: bool = False) -> Path:
-    """Fine-tune per ``cfg``; returns the final adapter dir. ``resume`` continues the latest checkpoint."""
+    """Fine-tune per ``cfg``; returns the final adapter dir. ``resume`` continues the latest checkpoint.
+
+    Under torchrun or accelerate launch every process runs this; rank logic is in ``distributed``.
+    """
+    w = distributed.world()
+    mode = distributed.resolve_mode(cfg.train.distributed, w)
+    distributed.setup(w)
+    distributed.check_same("the config", {**flat_dict(cfg), "--resume": resume}, w)
     out = Path(cfg.train.output_dir)
     ckpt = latest_checkpoint(out) if out.exists() else None
     if ckpt is not None and not resume:
         raise ConfigError(f"train.output_dir: {out} already has {ckpt.name}; pass --resume, or choose another dir")
     if resume:
         check_resume(cfg, out)
+        check_world_size(out, w)
     check_report_to(cfg.train.report_to)
     resolve_model(cfg.model)
     check_ranks(meta_model(cfg.model), lora_config(cfg))  # before any weight is loaded or factor allocated
     tokenizer = load_tokenizer(cfg.model)
-    train_ex, eval_ex, data_stats = prepare_data(cfg, tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
-    base = load_base(cfg)
+    with distributed.main_process_first(w):  # one process validates and tokenizes; the others read its cache
+        train_ex, eval_ex, data_stats = prepare_data(cfg, tokenizer)
+    distributed.barrier(w)  # every rank has checked the run dir before rank 0 writes into it
+    if w.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+    base = load_base(cfg, w.device_map)
     prepare_for_training_(base, cfg.train.gradient_checkpointing)
-    fresh = not (resume and (out / INITIAL_ADAPTER / META_FILE).is_file())
-    if fresh:
-        model = get_qolora_model(
-            base, lora_config(cfg), init_source=cfg.adapter.init_source, balance=cfg.adapter.olora_balance
-        )
-    else:
-        model = load_adapter(out / INITIAL_ADAPTER, base, is_trainable=True)  # exact base, no QR
-    d = cfg.data  # recorded in qolora.json, so eval and export read them from the adapter itself
-    model.qolora_states["default"].meta.data = {k: getattr(d, k) for k in DATA_KEYS}
-    if fresh:
-        save_adapter(model, out / INITIAL_ADAPTER)
+    model, digests = init_once(cfg, base, out, not (resume and (out / INITIAL_ADAPTER / META_FILE).is_file()), w)
     if resume:
         logger.info("resuming from %s", ckpt if ckpt else "the start: no checkpoint was complete")
-    kernel = check_kernel(model) if cfg.train.kernel_check else None
+    kernel = check_kernel(model) if cfg.train.kernel_check else None  # on every rank: each checks its own device
     report = model.qolora_states["default"].report
+    t = cfg.train
     extra = {
         "data": data_stats,
         "init_report": report.to_dict() if report else None,
         "kernel_check": vars(kernel) if kernel else None,
+        "world_size": w.size,
+        "distributed": mode,
+        "global_batch": t.batch_size * t.grad_accum * w.size,
+        "init_digests": digests,
     }
-    trainer = build_trainer(model, tokenizer, train_ex, eval_ex, cfg, extra, eval_on_start=not resume)
+    logger.info(
+        "global batch %d = batch_size %d x grad_accum %d x %d process(es)",
+        extra["global_batch"],
+        t.batch_size,
+        t.grad_accum,
+        w.size,
+    )
+    trainer = build_trainer(model, tokenizer, train_ex, eval_ex, cfg, extra, eval_on_start=not resume, mode=mode)
     trainer.train(resume_from_checkpoint=str(ckpt) if (resume and ckpt) else None)
-    return save_adapter(model, out / FINAL_ADAPTER)
+    final = out / FINAL_ADAPTER
+    if w.is_main:
+        save_adapter(model, final)
+    distributed.barrier(w)
+    return final

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -57,13 +59,16 @@ def prepare_for_training_(model: nn.Module, gradient_checkpointing: bool) -> Non
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers *ForCausalLM inside a PeftModel (or the model itself)."""
+    """The transformers *ForCausalLM inside a PeftModel (or the model itself), through a DDP wrapper."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
     inner = getattr(getattr(model, "base_model", None), "model", None)
     return inner if inner is not None and hasattr(inner, "lm_head") else model
 
 
 def supports_chunked_ce(lm: nn.Module) -> bool:
-    """A plain bias-free lm_head on ``lm.model``'s last hidden state, no logit soft-capping."""
+    """A plain bias-free lm_head on ``lm.model``'s last hidden state, no logit soft-capping, and a
+    forward that can skip the full logits (``logits_to_keep``)."""
     head = getattr(lm, "lm_head", None)
     cfg = getattr(lm, "config", None)
     return (
@@ -72,7 +77,30 @@ def supports_chunked_ce(lm: nn.Module) -> bool:
         and hasattr(lm, "model")
         and getattr(cfg, "final_logit_softcapping", None) is None
         and getattr(cfg, "logit_scale", None) is None
+        and "logits_to_keep" in inspect.signature(lm.forward).parameters
     )
+
+
+def final_hidden(model: nn.Module, lm: nn.Module, fwd: dict[str, Any]) -> torch.Tensor:
+    """``lm.model``'s last hidden state, from a forward through ``model`` itself.
+
+    Note:
+        The forward goes through ``model`` (a DDP wrapper, or an FSDP2-sharded root) and not
+        ``lm.model`` directly: DDP all-reduces gradients only after a forward through it, and a
+        forward around it would leave every rank with its own gradients. ``logits_to_keep=1``
+        keeps lm_head to one position per row; the loss then runs chunked on the hidden state.
+    """
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(module: nn.Module, args: Any, output: Any) -> None:
+        captured["hidden"] = output[0]
+
+    handle = lm.model.register_forward_hook(keep)
+    try:
+        model(**fwd, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured["hidden"]
 
 
 class QoloraTrainer(Trainer):
@@ -93,7 +121,7 @@ class QoloraTrainer(Trainer):
         # it does so only without a KV cache, which a model with use_cache on would create here
         fwd = {k: inputs.get(k) for k in ("input_ids", "attention_mask", "position_ids")} | {"use_cache": False}
         if self.ce_chunk and supports_chunked_ce(lm):
-            hidden = lm.model(**fwd).last_hidden_state
+            hidden = final_hidden(model, lm, fwd)
             total = chunked_ce_sum(
                 hidden[:, :-1].reshape(-1, hidden.shape[-1]), lm.lm_head.weight, labels.reshape(-1), self.ce_chunk
             )
@@ -118,9 +146,15 @@ class QoloraTrainer(Trainer):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         with offload:
             total, count = self.loss_sum(model, inputs)
+        scale = 1
         if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
-            count = num_items_in_batch  # token count over the accumulated batches, as transformers does
-        loss = total / torch.as_tensor(count, device=total.device).clamp_min(1)
+            # label tokens over the accumulated batches, and with average_tokens_across_devices over
+            # every rank's batches too; DDP then averages the ranks' gradients, which the world-size
+            # factor undoes, so the gradient is that of the global token-weighted mean (as transformers)
+            count = num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                scale = self.accelerator.num_processes
+        loss = total / torch.as_tensor(count, device=total.device).clamp_min(1) * scale
         return (loss, {}) if return_outputs else loss
 
     def evaluation_loop(
@@ -131,18 +165,53 @@ class QoloraTrainer(Trainer):
         ignore_keys=None,  # noqa: ANN001
         metric_key_prefix="eval",
     ):
-        """``<prefix>_loss`` = summed CE / label tokens over the whole eval set."""
+        """``<prefix>_loss`` = summed CE / label tokens over the whole eval set.
+
+        With several processes, rank r takes examples r, r + N, ... and the sums are added over
+        ranks: every example counts once (accelerate's even batches would repeat some), and
+        every rank runs the same number of forwards (FSDP gathers parameters in each).
+        """
+        from .. import distributed
+
         model = self._wrap_model(self.model, training=False, dataloader=dataloader)
         model.eval()
+        w = distributed.world()
+        batches = dataloader if w.size == 1 else self._eval_shard(dataloader.dataset, w)
         total, count, n = 0.0, 0, 0
         with torch.no_grad():
-            for inputs in dataloader:
+            for inputs, weight in ((b, 1) for b in batches) if w.size == 1 else batches:
                 inputs = self._prepare_inputs(inputs)
                 with self.compute_loss_context_manager():
                     s, c = self.loss_sum(model, inputs)
-                total, count, n = total + float(s), count + int(c), n + inputs["input_ids"].shape[0]
-        metrics = {f"{metric_key_prefix}_loss": total / max(count, 1), f"{metric_key_prefix}_tokens": count}
-        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=n)
+                total += weight * float(s)
+                count += weight * int(c)
+                n += weight * inputs["input_ids"].shape[0]
+        device = next(self.model.parameters()).device
+        total, count, n = distributed.all_reduce_sum([total, count, n], w, device)
+        metrics = {f"{metric_key_prefix}_loss": total / max(count, 1), f"{metric_key_prefix}_tokens": int(count)}
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=int(n))
+
+    def _eval_shard(self, dataset: Any, w: Any) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+        """This rank's eval batches, each with weight 1, padded with weight-0 batches to the count of the
+        largest shard."""
+        bs = self.args.per_device_eval_batch_size
+        mine = list(range(w.rank, len(dataset), w.size))
+        per_rank = -(-len(dataset) // w.size)
+        for s in range(0, max(per_rank, 1), bs):
+            idx = mine[s : s + bs]
+            yield self.data_collator([dataset[i] for i in (idx or [0])]), 1 if idx else 0
+
+
+def distributed_args(mode: str, model: nn.Module) -> dict[str, Any]:
+    """TrainingArguments for ``train.distributed`` (resolved): nothing for none/ddp (the Trainer wraps
+    the model in DDP whenever it runs under a launcher), FSDP2 per decoder layer for fsdp."""
+    if mode != "fsdp":
+        return {}
+    layers = getattr(causal_lm(model), "_no_split_modules", None) or []
+    return {
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": list(layers), "reshard_after_forward": True},
+    }
 
 
 def build_trainer(
@@ -153,6 +222,7 @@ def build_trainer(
     cfg: Config,
     extra_metrics: dict[str, Any] | None = None,
     eval_on_start: bool = True,
+    mode: str = "none",
 ) -> Any:
     """A ``transformers.Trainer`` for a QOLoRA PeftModel; call ``.train()`` on it."""
     from transformers import TrainingArguments
@@ -198,6 +268,8 @@ def build_trainer(
         include_num_input_tokens_seen="all" if cfg.data.packing else "non_padding",  # packs have no padding
         prediction_loss_only=True,
         disable_tqdm=False,
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient: no extra graph traversal
+        **distributed_args(mode, model),
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return QoloraTrainer(
