@@ -146,8 +146,8 @@ class TrainConfig:
     kernel_check: bool = _f(True, "check a 4-bit layer against its fp32 twin on this device before step 1")
     distributed: Literal[DISTRIBUTED_MODES] = _f(
         "auto",
-        "under torchrun / accelerate launch: ddp (a full model per rank) or fsdp (FSDP2: the base sharded "
-        "across ranks); auto is ddp whenever there is more than one process",
+        "under torchrun / accelerate launch: auto (ddp whenever there is more than one process), ddp (a full "
+        "4-bit model per rank, gradients all-reduced), fsdp (refused for now: see README, Several GPUs)",
     )
 
     def __post_init__(self) -> None:

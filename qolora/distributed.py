@@ -14,6 +14,8 @@ import contextlib
 import hashlib
 import logging
 import os
+import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -61,11 +63,21 @@ def world() -> World:
 
 
 def resolve_mode(mode: str, w: World) -> str:
-    """``train.distributed`` for this world: "none" for one process; "auto" is "ddp" above one."""
+    """``train.distributed`` for this world: "none" for one process; "auto" is "ddp" above one.
+
+    Raises:
+        ValueError: for "fsdp" with several processes, in one line saying why.
+    """
     if mode not in DISTRIBUTED_MODES:
         raise ValueError(f"train.distributed: expected one of {list(DISTRIBUTED_MODES)}, got {mode!r}")
     if w.size == 1:
         return "none"
+    if mode == "fsdp":
+        raise ValueError(
+            "train.distributed=fsdp: not supported yet. accelerate applies FSDP only on GPUs (on the CPU it "
+            "silently runs DDP), and the sharded 4-bit base, its gathered adapter save and its resume are not "
+            "verified; use ddp (a full 4-bit model per rank)"
+        )
     return "ddp" if mode == "auto" else mode
 
 
@@ -107,6 +119,25 @@ def configure_logging(root: logging.Logger) -> None:
 
     for h in root.handlers:
         h.addFilter(RankFilter())
+
+
+def exit_in_one_line_on_sigterm(w: World, output_dir: os.PathLike[str] | str) -> None:
+    """When one rank dies, torchrun (and accelerate launch, which runs it) sends SIGTERM to the others
+    at once, so they never wait out a collective's timeout; each then says so in one line, not a
+    traceback, and exits 143 (128 + SIGTERM)."""
+    if w.size == 1:
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        print(
+            f"qolora train: error: [rank {w.rank}] stopped by SIGTERM (the launcher stops every rank when one fails); "
+            f"--resume continues from the last complete checkpoint in {output_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def barrier(w: World) -> None:

@@ -153,6 +153,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     distributed.setup(w)
     distributed.check_same("the config", {**flat_dict(cfg), "--resume": resume}, w)
     out = Path(cfg.train.output_dir)
+    distributed.exit_in_one_line_on_sigterm(w, out)
     ckpt = latest_checkpoint(out) if out.exists() else None
     if ckpt is not None and not resume:
         raise ConfigError(f"train.output_dir: {out} already has {ckpt.name}; pass --resume, or choose another dir")
@@ -193,7 +194,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         t.grad_accum,
         w.size,
     )
-    trainer = build_trainer(model, tokenizer, train_ex, eval_ex, cfg, extra, eval_on_start=not resume, mode=mode)
+    trainer = build_trainer(model, tokenizer, train_ex, eval_ex, cfg, extra, eval_on_start=not resume)
     trainer.train(resume_from_checkpoint=str(ckpt) if (resume and ckpt) else None)
     final = out / FINAL_ADAPTER
     if w.is_main:

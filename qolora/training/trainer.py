@@ -202,18 +202,6 @@ class QoloraTrainer(Trainer):
             yield self.data_collator([dataset[i] for i in (idx or [0])]), 1 if idx else 0
 
 
-def distributed_args(mode: str, model: nn.Module) -> dict[str, Any]:
-    """TrainingArguments for ``train.distributed`` (resolved): nothing for none/ddp (the Trainer wraps
-    the model in DDP whenever it runs under a launcher), FSDP2 per decoder layer for fsdp."""
-    if mode != "fsdp":
-        return {}
-    layers = getattr(causal_lm(model), "_no_split_modules", None) or []
-    return {
-        "fsdp": "full_shard auto_wrap",
-        "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": list(layers), "reshard_after_forward": True},
-    }
-
-
 def build_trainer(
     model: nn.Module,
     tokenizer: Any,
@@ -222,7 +210,6 @@ def build_trainer(
     cfg: Config,
     extra_metrics: dict[str, Any] | None = None,
     eval_on_start: bool = True,
-    mode: str = "none",
 ) -> Any:
     """A ``transformers.Trainer`` for a QOLoRA PeftModel; call ``.train()`` on it."""
     from transformers import TrainingArguments
@@ -269,7 +256,6 @@ def build_trainer(
         prediction_loss_only=True,
         disable_tqdm=False,
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient: no extra graph traversal
-        **distributed_args(mode, model),
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return QoloraTrainer(

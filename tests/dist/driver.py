@@ -1,0 +1,55 @@
+"""``qolora train`` under a launcher, with one fault injected (tests/test_distributed.py).
+
+FAULT=perturb: rank 1's 4-bit residual of one layer is moved after it is rebuilt.
+FAULT=config:  rank 1 gets another train.lr.
+FAULT=kill:    rank 1 kills itself with SIGKILL right after checkpoint-4 is saved.
+"""
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+import qolora.training.run as run
+from qolora import cli, quant
+
+rank = int(os.environ.get("RANK", 0))
+fault = os.environ.get("FAULT", "")
+argv = sys.argv[1:]
+
+if fault == "perturb":
+    load = run.load_adapter
+
+    def load_perturbed(*a, **k):
+        model = load(*a, **k)
+        if rank == 1:
+            layer = model.base_model.model.model.layers[1].mlp.up_proj.base_layer
+            W = quant.dequantize(layer)
+            W[0, 0] += 1.0
+            quant.requantize_(layer, W)
+        return model
+
+    run.load_adapter = load_perturbed
+elif fault == "config" and rank == 1:
+    argv.append("train.lr=0.02")
+elif fault == "kill":
+
+    class KillAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == 4 and rank == 1:
+                Path(args.output_dir, "killed_at").write_text(str(time.time()))
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    build = run.build_trainer
+
+    def build_with_kill(*a, **k):
+        trainer = build(*a, **k)
+        trainer.add_callback(KillAfterSave())
+        return trainer
+
+    run.build_trainer = build_with_kill
+
+sys.exit(cli.main(argv))

@@ -1,0 +1,211 @@
+"""Several processes on the CPU (2 gloo ranks, launched by torchrun and accelerate as a user would):
+N ranks = 1 rank at the same global batch, one init on every rank, faults end in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import qolora
+from qolora.config import ConfigError, dump_config
+from qolora.training import train
+
+from .conftest import tiny_train_config
+
+DRIVER = Path(__file__).parent / "dist" / "driver.py"
+STEPS = 6
+
+
+def variable_data(path: Path, n: int = 40) -> str:
+    """Completions of 1 to 12 words, so ranks' batches hold very different numbers of label tokens."""
+    words = ["hello", "hi", "good", "fine", "thanks", "yes", "no", "python", "code", "model"]
+    rows = []
+    for i in range(n):
+        k = 1 if i % 3 else 12
+        rows.append(
+            {"prompt": f"what is {words[i % 10]}", "completion": " ".join(words[(i + j) % 10] for j in range(k))}
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _config(model_dir: Path, run_dir: Path, **train_kw):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_train_config(model_dir, run_dir, max_steps=STEPS, batch_size=2, save_steps=2, eval_steps=3, **train_kw)
+    cfg.data.train = variable_data(run_dir / "train.jsonl")
+    return cfg
+
+
+def launch(args: list[str], env_extra: dict[str, str] | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), **(env_extra or {})}
+    env.pop("OMP_NUM_THREADS", None)  # torchrun's own default (1 per worker) applies, as for a user
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(cfg_path: Path, *extra: str, fault: str = "", rdzv: bool = False) -> subprocess.CompletedProcess:
+    if rdzv:  # the multi-node form, as 2 processes on one node through torchrun's c10d rendezvous
+        how = ["--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "--rdzv-id", "qolora"]
+    else:
+        how = ["--standalone"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *how, "--nproc_per_node", "2"]
+    return launch([*cmd, str(DRIVER), "train", str(cfg_path), *extra], {"FAULT": fault})
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(chat_model_dir, tmp_path_factory):
+    """The 1-rank reference (batch 2, grad_accum 2, this process's threads) and the same config run
+    on 2 torchrun ranks (batch 2 each) through the c10d rendezvous, with what the reference's first
+    step saw."""
+    from qolora.training.trainer import QoloraTrainer
+
+    root = tmp_path_factory.mktemp("dist")
+    one = _config(chat_model_dir, root / "one", grad_accum=2)
+    seen = []
+    real = QoloraTrainer.compute_loss
+
+    def spy(self, model, inputs, *a, **k):  # noqa: ANN001
+        if model.training and len(seen) < 2:
+            seen.append({k2: v.clone() for k2, v in inputs.items()})
+        return real(self, model, inputs, *a, **k)
+
+    QoloraTrainer.compute_loss = spy
+    try:
+        train(one)
+    finally:
+        QoloraTrainer.compute_loss = real
+    two = _config(chat_model_dir, root / "two")
+    dump_config(two, root / "two.yaml")
+    proc = torchrun(root / "two.yaml", rdzv=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"one": one, "two": two, "first_step": seen, "two_proc": proc, "root": root}
+
+
+def test_two_ranks_equal_one_rank_at_the_same_global_batch(runs) -> None:
+    one, two = metrics(Path(runs["one"].train.output_dir)), metrics(Path(runs["two"].train.output_dir))
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert one["global_batch"] == two["global_batch"] == 4 and two["distributed"] == "ddp"
+    assert [h["step"] for h in two["history"]] == list(range(1, STEPS + 1))
+    # fp32 on one CPU: the same sums in another order; Adam would turn a real gradient difference
+    # (a rank's own gradients, a mean of per-rank means) into lr-sized steps far above this bound
+    for a, b in zip(one["history"], two["history"]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (one["history"], two["history"])
+    assert [e["step"] for e in one["eval"]] == [e["step"] for e in two["eval"]] == [0, 3, 6]
+    for a, b in zip(one["eval"], two["eval"]):
+        assert abs(a["eval_loss"] - b["eval_loss"]) <= 1e-5
+    # the eval set is summed over ranks: every held-out token counted once
+    out = runs["two_proc"].stdout + runs["two_proc"].stderr
+    assert out.count("init verified") == 1 and out.count("adapter written to") == 1  # info lines: rank 0 only
+
+
+def test_one_init_every_rank_same_digests_and_full_adapter(runs) -> None:
+    one, two = metrics(Path(runs["one"].train.output_dir)), metrics(Path(runs["two"].train.output_dir))
+    assert len(two["init_digests"]) == 2 and len(set(two["init_digests"])) == 1
+    assert two["init_digests"] == one["init_digests"] * 2  # and the same base as one process builds
+    run_dir = Path(runs["two"].train.output_dir)
+    assert two["init_report"]["sources"] == {"checkpoint": 14}  # the QR ran once, on rank 0, from the checkpoint
+    model = qolora.load_adapter(run_dir / "adapter", progress=False)
+    ref = qolora.load_adapter(Path(runs["one"].train.output_dir) / "adapter", progress=False)
+    sd, ref_sd = model.state_dict(), ref.state_dict()
+    lora = [k for k in sd if "lora_" in k]
+    assert len(lora) == 28  # every layer's factors, not one rank's slice
+    assert max(float((sd[k] - ref_sd[k]).abs().max()) for k in lora) < 1e-4
+
+
+def test_loss_is_the_global_token_weighted_mean(runs) -> None:
+    """Step 1's logged loss (before any update) is sum CE / label tokens over both ranks' batches;
+    with these batches a mean of per-rank means would be far off."""
+    from qolora.training.trainer import QoloraTrainer
+
+    batches = runs["first_step"]
+    model = qolora.load_adapter(Path(runs["one"].train.output_dir) / "initial_adapter", progress=False)
+    trainer = QoloraTrainer.__new__(QoloraTrainer)
+    trainer.ce_chunk = 1024
+    with torch.no_grad():
+        sums = [trainer.loss_sum(model, b) for b in batches]
+    (s0, c0), (s1, c1) = [(float(s), int(c)) for s, c in sums]
+    weighted, mean_of_means = (s0 + s1) / (c0 + c1), (s0 / c0 + s1 / c1) / 2
+    assert abs(weighted - mean_of_means) > 1e-2, "the test batches must tell the two apart"
+    for run in ("one", "two"):
+        assert abs(metrics(Path(runs[run].train.output_dir))["history"][0]["loss"] - weighted) <= 1e-5
+
+
+def test_accelerate_launch_gives_the_same_run(runs) -> None:
+    root = runs["root"]
+    cfg = _config(Path(runs["one"].model), root / "acc")
+    dump_config(cfg, root / "acc.yaml")
+    accel = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    accel += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = launch([*accel, "-m", "qolora", "train", str(root / "acc.yaml")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, want = metrics(root / "acc" / "run"), metrics(Path(runs["two"].train.output_dir))
+    assert got["world_size"] == 2 and [h["loss"] for h in got["history"]] == [h["loss"] for h in want["history"]]
+
+
+def test_a_rank_with_another_base_stops_before_step_1(runs) -> None:
+    root = runs["root"]
+    cfg = _config(Path(runs["one"].model), root / "perturb")
+    dump_config(cfg, root / "perturb.yaml")
+    proc = torchrun(root / "perturb.yaml", fault="perturb")
+    assert proc.returncode != 0
+    line = "the model differs between ranks before step 1: base_model.model.model.layers.1.mlp.up_proj.base_layer"
+    errors = [x for x in proc.stderr.splitlines() if "qolora train: error:" in x]
+    assert errors and all(line in x for x in errors), proc.stderr[-3000:]
+    assert not list((root / "perturb" / "run").glob("checkpoint-*")) and not (root / "perturb/run/adapter").exists()
+
+
+def test_a_config_that_differs_between_ranks_is_one_line(runs) -> None:
+    root = runs["root"]
+    cfg = _config(Path(runs["one"].model), root / "cfgdiff")
+    dump_config(cfg, root / "cfgdiff.yaml")
+    proc = torchrun(root / "cfgdiff.yaml", fault="config")
+    assert proc.returncode != 0
+    assert "the config differs between ranks: train.lr is 0.01 on rank 0 and 0.02 on rank 1" in proc.stderr
+    assert not (root / "cfgdiff" / "run" / "initial_adapter").exists()
+
+
+def test_kill_9_of_one_rank_then_resume_gives_the_uninterrupted_losses(runs) -> None:
+    root = runs["root"]
+    cfg = _config(Path(runs["one"].model), root / "kill")
+    dump_config(cfg, root / "kill.yaml")
+    run_dir = root / "kill" / "run"
+    proc = torchrun(root / "kill.yaml", fault="kill")
+    ended = time.time()
+    assert proc.returncode != 0 and (run_dir / "killed_at").is_file(), proc.stderr[-3000:]
+    assert ended - float((run_dir / "killed_at").read_text()) < 60  # the other rank does not hang
+    assert not (run_dir / "adapter").exists()
+    assert "[rank 0] stopped by SIGTERM (the launcher stops every rank when one fails)" in proc.stderr
+    proc = torchrun(root / "kill.yaml", "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, want = metrics(run_dir), metrics(Path(runs["two"].train.output_dir))
+    assert [h["step"] for h in got["history"]] == list(range(1, STEPS + 1))
+    assert [h["loss"] for h in got["history"]] == [h["loss"] for h in want["history"]]
+    with pytest.raises(ConfigError, match=r"--resume: the run in .* ran on 2 process\(es\), this launch has 1"):
+        train(cfg, resume=True)
+
+
+def test_digests_cover_the_quant_state_not_only_the_packed_data(llama_dir) -> None:
+    """A parameter broadcast would carry the packed bytes; the digest must also see the quant_state."""
+    from qolora.distributed import World, layer_digests, resolve_mode
+
+    model = qolora.load_quantized(str(llama_dir))
+    before = layer_digests(model)
+    layer = model.model.layers[0].mlp.down_proj
+    qs = layer.weight.quant_state
+    assert qs.nested  # double quant: the nested absmax is what a parameter broadcast never carries
+    qs.state2.absmax[0] += 1.0
+    after = layer_digests(model)
+    assert [k for k in before if before[k] != after[k]] == ["model.layers.0.mlp.down_proj"]
+    assert resolve_mode("auto", World(0, 0, 2)) == "ddp" and resolve_mode("fsdp", World(0, 0, 1)) == "none"
+    with pytest.raises(ValueError, match="train.distributed=fsdp: not supported yet. accelerate applies FSDP only"):
+        resolve_mode("fsdp", World(0, 0, 2))
