@@ -32,6 +32,7 @@ class QoloraState:
     meta: AdapterMeta
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     report: InitReport | None = None
+    on_residual_of: str | None = None  # a plain adapter added on this OLoRA adapter's residual base
 
 
 def _init_kind(lora_config: LoraConfig) -> str:
@@ -199,7 +200,10 @@ def _guard_add_adapter(peft_model: Any) -> None:
 
     PEFT's own ``olora`` init rewrites the shared 4-bit base (and re-quantizes it a second
     time), and any second adapter on an OLoRA base sits on the first adapter's residual, which
-    ``save_adapter`` cannot record. Plain LoRA adapters on a plain-LoRA QOLoRA model are fine.
+    ``save_adapter`` cannot record: such an adapter may be added (PEFT's OLoRA -> LoRA conversion,
+    ``save_pretrained(path_initial_model_for_weight_conversion=...)``, loads the initial adapter as a
+    temporary one) but ``save_adapter`` refuses it. Plain LoRA adapters on a plain-LoRA QOLoRA model
+    are fine.
     """
     original = peft_model.add_adapter
 
@@ -210,18 +214,23 @@ def _guard_add_adapter(peft_model: Any) -> None:
                 f"add_adapter({adapter_name!r}): init_lora_weights={init!r} would let PEFT rewrite the 4-bit base that "
                 "QOLoRA initialized; make a separate model with qolora.get_qolora_model for each OLoRA adapter"
             )
-        if any(s.meta.init == "olora" for s in peft_model.qolora_states.values()):
-            raise ValueError(
-                f"add_adapter({adapter_name!r}): the base holds the OLoRA residual of another adapter, which a second "
-                "adapter could not be saved or reloaded against; make a separate model with qolora.get_qolora_model"
-            )
+        olora = [name for name, s in peft_model.qolora_states.items() if s.meta.init == "olora"]
         result = original(adapter_name, peft_config, *args, **kwargs)
         meta = copy.deepcopy(next(iter(peft_model.qolora_states.values())).meta)
         meta.adapter_name = adapter_name
-        peft_model.qolora_states[adapter_name] = QoloraState(meta)
+        # a plain adapter on another adapter's OLoRA residual leaves the base as it is (PEFT's own OLoRA ->
+        # LoRA conversion loads the initial adapter this way), but save_adapter could not record its base
+        peft_model.qolora_states[adapter_name] = QoloraState(meta, on_residual_of=olora[0] if olora else None)
         return result
 
+    def delete_adapter(adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+        result = original_delete(adapter_name, *args, **kwargs)
+        peft_model.qolora_states.pop(adapter_name, None)
+        return result
+
+    original_delete = peft_model.delete_adapter
     peft_model.add_adapter = add_adapter
+    peft_model.delete_adapter = delete_adapter
 
 
 def _state(model: nn.Module, adapter_name: str) -> QoloraState:
@@ -240,6 +249,11 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike[str], adapter_name
     never leaves a dir that looks complete; an existing dir is replaced.
     """
     state = _state(model, adapter_name)
+    if state.on_residual_of:
+        raise ValueError(
+            f"save_adapter({adapter_name!r}): it was added on the OLoRA residual of adapter {state.on_residual_of!r}, "
+            "which its files could not record; make a separate model with qolora.get_qolora_model for it"
+        )
 
     def save_peft(tmp: Path) -> None:
         model.save_pretrained(str(tmp), selected_adapters=[adapter_name])
@@ -338,10 +352,29 @@ def load_adapter(
     return peft_model
 
 
+def _match_saved_dtypes_(peft_model: nn.Module, tensors: dict[str, torch.Tensor], name: str) -> None:
+    """Give each adapter weight the dtype it was saved in, before its values are copied in.
+
+    A trainer may leave the LoRA weights in another dtype than the one PEFT creates them in (TRL's
+    SFTTrainer casts them to bf16, also on the CPU); PEFT's LoRA forward runs in the weights' dtype,
+    so reloading them upcast would be another model. The safetensors file records each dtype.
+    """
+    changed = set()
+    for pname, p in peft_model.named_parameters():
+        key = pname.replace(f".{name}.", ".").removesuffix(f".{name}")
+        saved = tensors.get(key)
+        if saved is not None and saved.dtype != p.dtype:
+            p.data = p.data.to(saved.dtype)
+            changed.add(str(saved.dtype).removeprefix("torch."))
+    if changed:
+        logger.info("adapter weights kept in %s, the dtype they were saved in", ", ".join(sorted(changed)))
+
+
 def _load_weights(peft_model: nn.Module, ad: AdapterDir, name: str) -> None:
     from peft import set_peft_model_state_dict
 
     where = ad.dir / WEIGHTS_FILE
+    _match_saved_dtypes_(peft_model, ad.tensors, name)
     result = set_peft_model_state_dict(peft_model, ad.tensors, adapter_name=name)
     if result.unexpected_keys:
         raise ValueError(f"{where}: unexpected tensors {result.unexpected_keys[:3]}")

@@ -100,8 +100,11 @@ def test_a_second_olora_adapter_is_refused_and_the_base_kept(llama_dir, tokens) 
     before = {n: quant.dequantize(m) for n, m in model.named_modules() if quant.is_4bit(m)}
     with pytest.raises(ValueError, match="would let PEFT rewrite the 4-bit base"):
         model.add_adapter("second", _cfg("olora"))
-    with pytest.raises(ValueError, match="holds the OLoRA residual of another adapter"):
-        model.add_adapter("second", _cfg(True))
+    model.add_adapter("second", _cfg(True))  # allowed (PEFT's conversion flow does it), never saved
+    with pytest.raises(ValueError, match=r"save_adapter\('second'\): it was added on the OLoRA residual of adapter"):
+        qolora.save_adapter(model, "unused", adapter_name="second")
+    model.delete_adapter("second")
+    assert list(model.qolora_states) == ["default"]
     after = {n: quant.dequantize(m) for n, m in model.named_modules() if quant.is_4bit(m)}
     assert all(torch.equal(before[n], after[n]) for n in before)
 

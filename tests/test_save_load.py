@@ -183,3 +183,16 @@ def test_balanced_olora_keeps_the_4bit_base_and_reloads_exactly(base_copy, tmp_p
     want = logits(model, tokens)
     out = qolora.save_adapter(model, tmp_path / "adapter")
     assert torch.equal(logits(qolora.load_adapter(out, progress=False), tokens), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_reload_keeps_the_adapter_dtype_a_trainer_left(base_copy, tmp_path, tokens, dtype) -> None:
+    """TRL's SFTTrainer leaves the LoRA weights in bf16 (also on the CPU); the reload is that model."""
+    model = perturb_lora_(qolora.get_qolora_model(quant.load_quantized(base_copy), _cfg(), progress=False))
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.to(dtype)
+    want = logits(model, tokens)
+    reloaded = qolora.load_adapter(qolora.save_adapter(model, tmp_path / "adapter"), progress=False)
+    assert {p.dtype for n, p in reloaded.named_parameters() if "lora_" in n} == {dtype}
+    assert torch.equal(logits(reloaded, tokens), want)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +173,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
         dump_config(cfg, out / "config.yaml")
     base = load_base(cfg, w.device_map)
     prepare_for_training_(base, cfg.train.gradient_checkpointing)
+    t0 = time.perf_counter()
     model, digests = init_once(cfg, base, out, not (resume and (out / INITIAL_ADAPTER / META_FILE).is_file()), w)
+    init_s = time.perf_counter() - t0  # on rank 0: its init and save, the others' rebuild, the digests
     if resume:
         logger.info("resuming from %s", ckpt if ckpt else "the start: no checkpoint was complete")
     kernel = check_kernel(model) if cfg.train.kernel_check else None  # on every rank: each checks its own device
@@ -186,6 +189,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         "distributed": mode,
         "global_batch": t.batch_size * t.grad_accum * w.size,
         "init_digests": digests,
+        "init_s": round(init_s, 3),
     }
     logger.info(
         "global batch %d = batch_size %d x grad_accum %d x %d process(es)",
