@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import qolora
-from qolora.config import ConfigError, dump_config
+from qolora.config import ConfigError, dump_config, load_config
 from qolora.training import train
 
 from .conftest import tiny_train_config
@@ -152,46 +152,43 @@ def test_accelerate_launch_gives_the_same_run(runs) -> None:
     assert got["world_size"] == 2 and [h["loss"] for h in got["history"]] == [h["loss"] for h in want["history"]]
 
 
+def fault_run(runs: dict, name: str, fault: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """The test config in its own folder ``name``, on 2 torchrun ranks with ``fault`` injected."""
+    cfg = _config(Path(runs["one"].model), runs["root"] / name)
+    dump_config(cfg, runs["root"] / f"{name}.yaml")
+    return torchrun(runs["root"] / f"{name}.yaml", fault=fault), runs["root"] / name / "run"
+
+
 def test_a_rank_with_another_base_stops_before_step_1(runs) -> None:
-    root = runs["root"]
-    cfg = _config(Path(runs["one"].model), root / "perturb")
-    dump_config(cfg, root / "perturb.yaml")
-    proc = torchrun(root / "perturb.yaml", fault="perturb")
+    proc, run_dir = fault_run(runs, "perturb", "perturb")
     assert proc.returncode != 0
     line = "the model differs between ranks before step 1: base_model.model.model.layers.1.mlp.up_proj.base_layer"
     errors = [x for x in proc.stderr.splitlines() if "qolora train: error:" in x]
     assert errors and all(line in x for x in errors), proc.stderr[-3000:]
-    assert not list((root / "perturb" / "run").glob("checkpoint-*")) and not (root / "perturb/run/adapter").exists()
+    assert not list(run_dir.glob("checkpoint-*")) and not (run_dir / "adapter").exists()
 
 
 def test_a_config_that_differs_between_ranks_is_one_line(runs) -> None:
-    root = runs["root"]
-    cfg = _config(Path(runs["one"].model), root / "cfgdiff")
-    dump_config(cfg, root / "cfgdiff.yaml")
-    proc = torchrun(root / "cfgdiff.yaml", fault="config")
+    proc, run_dir = fault_run(runs, "cfgdiff", "config")
     assert proc.returncode != 0
     assert "the config differs between ranks: train.lr is 0.01 on rank 0 and 0.02 on rank 1" in proc.stderr
-    assert not (root / "cfgdiff" / "run" / "initial_adapter").exists()
+    assert not (run_dir / "initial_adapter").exists()
 
 
 def test_kill_9_of_one_rank_then_resume_gives_the_uninterrupted_losses(runs) -> None:
-    root = runs["root"]
-    cfg = _config(Path(runs["one"].model), root / "kill")
-    dump_config(cfg, root / "kill.yaml")
-    run_dir = root / "kill" / "run"
-    proc = torchrun(root / "kill.yaml", fault="kill")
+    proc, run_dir = fault_run(runs, "kill", "kill")
     ended = time.time()
     assert proc.returncode != 0 and (run_dir / "killed_at").is_file(), proc.stderr[-3000:]
     assert ended - float((run_dir / "killed_at").read_text()) < 60  # the other rank does not hang
     assert not (run_dir / "adapter").exists()
     assert "[rank 0] stopped by SIGTERM (the launcher stops every rank when one fails)" in proc.stderr
-    proc = torchrun(root / "kill.yaml", "--resume")
+    proc = torchrun(runs["root"] / "kill.yaml", "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     got, want = metrics(run_dir), metrics(Path(runs["two"].train.output_dir))
     assert [h["step"] for h in got["history"]] == list(range(1, STEPS + 1))
     assert [h["loss"] for h in got["history"]] == [h["loss"] for h in want["history"]]
     with pytest.raises(ConfigError, match=r"--resume: the run in .* ran on 2 process\(es\), this launch has 1"):
-        train(cfg, resume=True)
+        train(load_config(str(runs["root"] / "kill.yaml")), resume=True)
 
 
 def test_digests_cover_the_quant_state_not_only_the_packed_data(llama_dir) -> None:
