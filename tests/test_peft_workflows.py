@@ -45,3 +45,51 @@ def test_peft_olora_to_lora_conversion_equals_export_lora(llama_dir, tmp_path, v
         delta_peft, delta_ours = peft_sd[kb] @ peft_sd[key], ours[kb] @ ours[key]
         # the same two rank-r products in fp32, stacked in another order and sign: rounding only
         assert torch.allclose(delta_peft, delta_ours, rtol=0, atol=1e-6), key
+
+
+def test_trl_sft_trainer_trains_saves_reloads_exactly_and_exports(chat_model_dir, tmp_path) -> None:
+    """TRL's SFTTrainer on a QOLoRA model: only the adapter moves, TRL leaves it in bf16 (also on the
+    CPU), and save_adapter / load_adapter / export_merged give that model back."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from qolora.export import export_merged
+
+    cfg = LoraConfig(r=4, lora_alpha=4, target_modules="all-linear", init_lora_weights="olora", task_type="CAUSAL_LM")
+    model = qolora.get_qolora_model(quant.load_quantized(str(chat_model_dir)), cfg, progress=False)
+    base = {n: quant.dequantize(m) for n, m in model.named_modules() if quant.is_4bit(m)}
+    lora0 = {n: p.detach().float().clone() for n, p in model.named_parameters() if "lora_" in n}
+    words = ["hello", "python", "code", "model"]
+    rows = Dataset.from_list([{"prompt": f"what is {w}", "completion": f" {w} is good"} for w in words * 4])
+    args = SFTConfig(
+        output_dir=str(tmp_path / "trl"),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        bf16=False,
+    )
+    SFTTrainer(
+        model=model, args=args, train_dataset=rows, processing_class=AutoTokenizer.from_pretrained(chat_model_dir)
+    ).train()
+    assert all(torch.equal(base[n], quant.dequantize(m)) for n, m in model.named_modules() if quant.is_4bit(m))
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert {p.dtype for p in lora.values()} == {torch.bfloat16}  # what TRL does; the reload must keep it
+    assert any(not torch.equal(lora0[n], p.detach().float()) for n, p in lora.items())
+    x = torch.tensor([[1, 7, 8, 9, 10, 11]])
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+    out = qolora.save_adapter(model, tmp_path / "adapter")
+    back = qolora.load_adapter(out, progress=False)
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=x).logits, want)
+    export_merged(out, tmp_path / "merged", dtype="float32", progress=False)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = merged(input_ids=x).logits
+    # the merge is exact in fp32; the trained model ran its bf16 adapter path in bf16
+    assert (got - want).abs().max() <= 5e-3 * want.abs().max()  # measured 1.3e-3
