@@ -198,24 +198,34 @@ def get_qolora_model(
 def _guard_add_adapter(peft_model: Any) -> None:
     """Make ``peft_model.add_adapter`` refuse what would silently break the QOLoRA base.
 
-    PEFT's own ``olora`` init rewrites the shared 4-bit base (and re-quantizes it a second
-    time), and any second adapter on an OLoRA base sits on the first adapter's residual, which
-    ``save_adapter`` cannot record: such an adapter may be added (PEFT's OLoRA -> LoRA conversion,
-    ``save_pretrained(path_initial_model_for_weight_conversion=...)``, loads the initial adapter as a
-    temporary one) but ``save_adapter`` refuses it. Plain LoRA adapters on a plain-LoRA QOLoRA model
-    are fine.
+    PEFT's own ``olora`` init rewrites the shared 4-bit base (and re-quantizes it a second time):
+    an ``olora`` adapter added on an OLoRA base gets that base's initial factors instead
+    (``_set_initial_factors_``), and elsewhere such inits are refused. Any second adapter on an
+    OLoRA base sits on the first adapter's residual, which ``save_adapter`` cannot record: such an
+    adapter may be added (PEFT's OLoRA -> LoRA conversion, ``save_pretrained(
+    path_initial_model_for_weight_conversion=...)``, loads the initial adapter as a temporary one;
+    TRL's DPOTrainer adds a frozen reference copy) but ``save_adapter`` refuses it. Plain LoRA
+    adapters on a plain-LoRA QOLoRA model are fine.
     """
     original = peft_model.add_adapter
 
     def add_adapter(adapter_name: str, peft_config: Any, *args: Any, **kwargs: Any) -> Any:
         init = getattr(peft_config, "init_lora_weights", True)
-        if isinstance(init, str) and init.lower() not in ("lora", "gaussian"):
+        olora = [name for name, s in peft_model.qolora_states.items() if s.meta.init == "olora"]
+        copy_of = None
+        if isinstance(init, str) and init.lower() == "olora" and olora:
+            copy_of = olora[0]  # OLoRA on this base is its initial factors: no QR, no base rewrite
+            peft_config = copy.deepcopy(peft_config)
+            peft_config.init_lora_weights = False
+        elif isinstance(init, str) and init.lower() not in ("lora", "gaussian"):
             raise ValueError(
                 f"add_adapter({adapter_name!r}): init_lora_weights={init!r} would let PEFT rewrite the 4-bit base that "
                 "QOLoRA initialized; make a separate model with qolora.get_qolora_model for each OLoRA adapter"
             )
-        olora = [name for name, s in peft_model.qolora_states.items() if s.meta.init == "olora"]
         result = original(adapter_name, peft_config, *args, **kwargs)
+        if copy_of is not None:
+            _set_initial_factors_(peft_model, adapter_name, peft_model.qolora_states[copy_of])
+            peft_model.peft_config[adapter_name].init_lora_weights = init
         meta = copy.deepcopy(next(iter(peft_model.qolora_states.values())).meta)
         meta.adapter_name = adapter_name
         # a plain adapter on another adapter's OLoRA residual leaves the base as it is (PEFT's own OLoRA ->
@@ -231,6 +241,36 @@ def _guard_add_adapter(peft_model: Any) -> None:
     original_delete = peft_model.delete_adapter
     peft_model.add_adapter = add_adapter
     peft_model.delete_adapter = delete_adapter
+
+
+def _set_initial_factors_(peft_model: Any, adapter_name: str, source: QoloraState) -> None:
+    """Give a newly added OLoRA-init adapter the initial factors of the OLoRA adapter whose residual the
+    base holds, so the model it adds starts at W, as OLoRA's init means. TRL's DPOTrainer adds its
+    frozen reference adapter this way (a copy of the config, then of the weights).
+
+    Raises:
+        ValueError: when its layers or scales differ from the source adapter's (the base cannot serve
+            both); the adapter is removed again first.
+    """
+    name = source.meta.adapter_name
+    try:
+        targets = list(iter_targets(peft_model, adapter_name))
+        if {t.name for t in targets} != set(source.factors):
+            raise ValueError(f"its target layers differ from adapter {name!r}'s")
+        for t in targets:
+            B0, A0 = source.factors[t.name]
+            if float(t.lora.scaling[adapter_name]) != float(t.lora.scaling[name]) or int(t.lora.r[adapter_name]) != int(
+                t.lora.r[name]
+            ):
+                raise ValueError(f"its rank or scale at {t.name} differs from adapter {name!r}'s")
+            for w, f in ((t.lora.lora_A[adapter_name].weight, A0), (t.lora.lora_B[adapter_name].weight, B0)):
+                w.data.copy_(f.to(device=w.device, dtype=w.dtype))
+    except ValueError as e:
+        peft_model.delete_adapter(adapter_name)
+        raise ValueError(
+            f"add_adapter({adapter_name!r}) with init_lora_weights='olora': {e}; the 4-bit base holds that adapter's "
+            "residual, so an OLoRA adapter on it must have the same layers, rank and alpha"
+        ) from e
 
 
 def _state(model: nn.Module, adapter_name: str) -> QoloraState:

@@ -95,16 +95,27 @@ def test_an_already_wrapped_model_is_refused(llama_dir) -> None:
         qolora.get_qolora_model(peft_model, _cfg(), progress=False)
 
 
-def test_a_second_olora_adapter_is_refused_and_the_base_kept(llama_dir, tokens) -> None:
+def test_a_second_olora_adapter_gets_the_initial_factors_and_the_base_is_kept(llama_dir, tokens) -> None:
     model = qolora.get_qolora_model(quant.load_quantized(llama_dir), _cfg(), progress=False)
+    want = logits(model, tokens)
     before = {n: quant.dequantize(m) for n, m in model.named_modules() if quant.is_4bit(m)}
+    perturb_lora_(model)
+    model.add_adapter("copy", _cfg("olora"))  # no QR, no base rewrite: this base's initial factors
+    model.set_adapter("copy")
+    assert torch.equal(logits(model, tokens), want)
+    with pytest.raises(ValueError, match=r"add_adapter\('other'\) with init_lora_weights='olora': its rank or scale"):
+        model.add_adapter(
+            "other", LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", init_lora_weights="olora")
+        )
+    assert "other" not in model.peft_config and "other" not in model.qolora_states
+    plain = qolora.get_qolora_model(quant.load_quantized(llama_dir), _cfg(True), progress=False)
     with pytest.raises(ValueError, match="would let PEFT rewrite the 4-bit base"):
-        model.add_adapter("second", _cfg("olora"))
+        plain.add_adapter("second", _cfg("olora"))
     model.add_adapter("second", _cfg(True))  # allowed (PEFT's conversion flow does it), never saved
     with pytest.raises(ValueError, match=r"save_adapter\('second'\): it was added on the OLoRA residual of adapter"):
         qolora.save_adapter(model, "unused", adapter_name="second")
     model.delete_adapter("second")
-    assert list(model.qolora_states) == ["default"]
+    assert list(model.qolora_states) == ["default", "copy"]
     after = {n: quant.dequantize(m) for n, m in model.named_modules() if quant.is_4bit(m)}
     assert all(torch.equal(before[n], after[n]) for n in before)
 

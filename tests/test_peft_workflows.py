@@ -93,3 +93,42 @@ def test_trl_sft_trainer_trains_saves_reloads_exactly_and_exports(chat_model_dir
         got = merged(input_ids=x).logits
     # the merge is exact in fp32; the trained model ran its bf16 adapter path in bf16
     assert (got - want).abs().max() <= 5e-3 * want.abs().max()  # measured 1.3e-3
+
+
+def test_trl_dpo_trainer_with_its_reference_adapter(chat_model_dir, tmp_path) -> None:
+    """TRL's DPOTrainer adds a frozen "ref" adapter with the policy's config (init "olora") and copies
+    the weights into it: on a QOLoRA base that adapter gets the initial factors, never a second QR
+    or a rewritten base; the trained adapter then saves and reloads exactly."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    cfg = LoraConfig(r=4, lora_alpha=4, target_modules="all-linear", init_lora_weights="olora", task_type="CAUSAL_LM")
+    model = qolora.get_qolora_model(quant.load_quantized(str(chat_model_dir)), cfg, progress=False)
+    base = {n: quant.dequantize(m) for n, m in model.named_modules() if quant.is_4bit(m)}
+    words = ["hello", "python", "code", "model"]
+    rows = Dataset.from_list(
+        [{"prompt": f"what is {w}", "chosen": f" {w} is good", "rejected": f" no {w}"} for w in words]
+    )
+    args = DPOConfig(
+        output_dir=str(tmp_path / "dpo"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        bf16=False,
+    )
+    tok = AutoTokenizer.from_pretrained(chat_model_dir)
+    DPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tok).train()
+    assert "ref" in model.peft_config
+    assert all(torch.equal(base[n], quant.dequantize(m)) for n, m in model.named_modules() if quant.is_4bit(m))
+    model.set_adapter("default")
+    x = torch.tensor([[1, 7, 8, 9, 10, 11]])
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+    back = qolora.load_adapter(qolora.save_adapter(model, tmp_path / "adapter"), progress=False)
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=x).logits, want)
