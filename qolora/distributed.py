@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from . import quant
-from .choices import DISTRIBUTED_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +67,6 @@ def resolve_mode(mode: str, w: World) -> str:
     Raises:
         ValueError: for "fsdp" with several processes, in one line saying why.
     """
-    if mode not in DISTRIBUTED_MODES:
-        raise ValueError(f"train.distributed: expected one of {list(DISTRIBUTED_MODES)}, got {mode!r}")
     if w.size == 1:
         return "none"
     if mode == "fsdp":
@@ -114,7 +111,8 @@ def configure_logging(root: logging.Logger) -> None:
         def filter(self, record: logging.LogRecord) -> bool:
             if record.levelno < logging.WARNING:
                 return w.is_main
-            record.msg = f"[rank {w.rank}] {record.msg}"
+            if not str(record.msg).startswith("[rank "):  # once, whichever handlers see it
+                record.msg = f"[rank {w.rank}] {record.msg}"
             return True
 
     for h in root.handlers:
@@ -251,6 +249,15 @@ def verify_same_model(
             "init verified: the base and factors are bit-identical on all %d ranks (%s)", w.size, digests[0][:16]
         )
     return digests
+
+
+def shard_batches(n: int, batch_size: int, w: World) -> Iterator[list[int]]:
+    """This rank's batches of example indices r, r + N, ...; every rank yields the same number of
+    batches, the ones past the end of a shorter share empty."""
+    mine = list(range(w.rank, n, w.size))
+    per_rank = -(-n // w.size)
+    for s in range(0, max(per_rank, 1), batch_size):
+        yield mine[s : s + batch_size]
 
 
 def all_reduce_sum(values: list[float], w: World, device: torch.device) -> list[float]:

@@ -6,7 +6,6 @@ import contextlib
 import importlib.util
 import inspect
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -85,7 +84,7 @@ def final_hidden(model: nn.Module, lm: nn.Module, fwd: dict[str, Any]) -> torch.
     """``lm.model``'s last hidden state, from a forward through ``model`` itself.
 
     Note:
-        The forward goes through ``model`` (a DDP wrapper, or an FSDP2-sharded root) and not
+        The forward goes through ``model`` (a DDP wrapper) and not
         ``lm.model`` directly: DDP all-reduces gradients only after a forward through it, and a
         forward around it would leave every rank with its own gradients. ``logits_to_keep=1``
         keeps lm_head to one position per row; the loss then runs chunked on the hidden state.
@@ -167,19 +166,24 @@ class QoloraTrainer(Trainer):
     ):
         """``<prefix>_loss`` = summed CE / label tokens over the whole eval set.
 
-        With several processes, rank r takes examples r, r + N, ... and the sums are added over
-        ranks: every example counts once (accelerate's even batches would repeat some), and
-        every rank runs the same number of forwards (FSDP gathers parameters in each).
+        With several processes each rank takes its share (``distributed.shard_batches``) and the
+        sums are added over ranks: every example counts once (accelerate's even batches would
+        repeat some); a rank with fewer examples runs weight-0 batches to keep the ranks in step.
         """
         from .. import distributed
 
         model = self._wrap_model(self.model, training=False, dataloader=dataloader)
         model.eval()
         w = distributed.world()
-        batches = dataloader if w.size == 1 else self._eval_shard(dataloader.dataset, w)
+        if w.size == 1:
+            batches: Any = ((b, 1) for b in dataloader)
+        else:
+            ds, bs = dataloader.dataset, self.args.per_device_eval_batch_size
+            shard = distributed.shard_batches(len(ds), bs, w)  # an empty batch: weight 0, a stand-in example
+            batches = ((self.data_collator([ds[i] for i in idx or [0]]), int(bool(idx))) for idx in shard)
         total, count, n = 0.0, 0, 0
         with torch.no_grad():
-            for inputs, weight in ((b, 1) for b in batches) if w.size == 1 else batches:
+            for inputs, weight in batches:
                 inputs = self._prepare_inputs(inputs)
                 with self.compute_loss_context_manager():
                     s, c = self.loss_sum(model, inputs)
@@ -190,16 +194,6 @@ class QoloraTrainer(Trainer):
         total, count, n = distributed.all_reduce_sum([total, count, n], w, device)
         metrics = {f"{metric_key_prefix}_loss": total / max(count, 1), f"{metric_key_prefix}_tokens": int(count)}
         return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=int(n))
-
-    def _eval_shard(self, dataset: Any, w: Any) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
-        """This rank's eval batches, each with weight 1, padded with weight-0 batches to the count of the
-        largest shard."""
-        bs = self.args.per_device_eval_batch_size
-        mine = list(range(w.rank, len(dataset), w.size))
-        per_rank = -(-len(dataset) // w.size)
-        for s in range(0, max(per_rank, 1), bs):
-            idx = mine[s : s + bs]
-            yield self.data_collator([dataset[i] for i in (idx or [0])]), 1 if idx else 0
 
 
 def build_trainer(
