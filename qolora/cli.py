@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 
 from . import __version__
-from ._io import ExternalToolError
+from ._io import ExternalToolError, RunStopped
 from .choices import GGUF_TYPES, INIT_SOURCES, INITS, OPTIMIZERS
 
 
@@ -291,14 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(verbose: bool) -> None:
+TEXT_ON_STDOUT = ("generate", "chat")  # their stdout is the model's text only: it can be piped
+
+
+def _setup_logging(verbose: bool, command: str) -> None:
     """Progress and info on stdout, warnings and errors on stderr: a failed command's stderr is
-    its one error line (plus any warnings)."""
+    its one error line (plus any warnings). For ``generate`` and ``chat`` every log line goes to
+    stderr, so that stdout carries the model's text alone."""
     root = logging.getLogger()
     if root.handlers:  # configured by the caller (or pytest): leave it
         return
     fmt = logging.Formatter("%(levelname)s %(name)s: %(message)s")
-    out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    info = sys.stderr if command in TEXT_ON_STDOUT else sys.stdout
+    out, err = logging.StreamHandler(info), logging.StreamHandler(sys.stderr)
     out.addFilter(lambda record: record.levelno < logging.WARNING)
     err.setLevel(logging.WARNING)
     for h in (out, err):
@@ -310,15 +315,27 @@ def _setup_logging(verbose: bool) -> None:
     configure_logging(root)  # several processes: info from rank 0 only, warnings and errors name their rank
 
 
+def _end_progress_bars() -> None:
+    """Close the bars an exception left open, so that the error line starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, args.command)
     # On AVX512-BF16 CPUs bitsandbytes warns at import that the kernel of its packed CPU eval
     # path is missing; QOLoRA switches that path off (qolora/quant/layout.py), so it is noise.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return int(args.func(args))
+    except RunStopped as e:  # SIGTERM / SIGINT: 128 + the signal, as a shell reports a killed command
+        _end_progress_bars()
+        print(f"qolora {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except (ValueError, OSError, ExternalToolError) as e:  # FileNotFoundError and FileExistsError are OSErrors
+        _end_progress_bars()
         msg = " ".join(str(e).split())  # one line, also for libraries' multi-line messages
         from .distributed import rank_prefix
 

@@ -136,7 +136,7 @@ class TrainConfig:
     offload_activations: bool = _f(False, "keep saved activations in CPU memory during the forward pass")
     seed: int = _f(0, "seed of init, dropout and data order")
     save_steps: int = _f(100, "checkpoint every N steps (a --resume continues from the latest)")
-    save_total_limit: int = _f(2, "checkpoints kept")
+    save_total_limit: int = _f(2, "complete checkpoints kept (the oldest are deleted)")
     eval_steps: int = _f(100, "token-weighted held-out loss every N steps (and at step 0)")
     logging_steps: int = _f(10, "log the training loss every N steps")
     report_to: Literal[REPORT_TO] = _f(
@@ -144,6 +144,14 @@ class TrainConfig:
         "log to: none, tensorboard (events in output_dir/runs/), wandb, mlflow (each: pip install 'qolora[NAME]')",
     )
     kernel_check: bool = _f(True, "check a 4-bit layer against its fp32 twin on this device before step 1")
+    divergence_check: bool = _f(
+        True,
+        "stop at the first non-finite loss or gradient norm, or when the smoothed loss (EMA over ~10 steps) stays "
+        "for divergence_patience steps above divergence_factor x its lowest level (a ~50-step mean, from step 10) "
+        "or above 90% of a uniform guess's loss ln(vocab); no checkpoint is written while it is above",
+    )
+    divergence_factor: float = _f(3.0, "divergence guard: how many times its lowest level the smoothed loss may be")
+    divergence_patience: int = _f(10, "divergence guard: steps in a row above that bound before the run stops")
     distributed: Literal[DISTRIBUTED_MODES] = _f(
         "auto",
         "under torchrun / accelerate launch: auto (ddp whenever there is more than one process), ddp (a full "
@@ -159,6 +167,7 @@ class TrainConfig:
             "logging_steps",
             "save_total_limit",
             "ce_chunk",
+            "divergence_patience",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
@@ -168,6 +177,8 @@ class TrainConfig:
             raise ConfigError(f"train.max_steps: must be -1 (use epochs) or >= 1, got {self.max_steps}")
         if self.epochs <= 0:
             raise ConfigError(f"train.epochs: must be > 0, got {self.epochs}")
+        if not self.divergence_factor > 1:
+            raise ConfigError(f"train.divergence_factor: must be > 1, got {self.divergence_factor}")
 
 
 @dataclass

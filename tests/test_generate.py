@@ -71,3 +71,28 @@ def test_generate_refusals_are_one_line(tmp_path, capsys, adapter) -> None:
     assert len(err) == 1 and "neither an adapter dir" in err[0]
     assert main(["generate", str(adapter), "--prompt", "x", "--max-new-tokens", "0"]) == 2
     assert "max_new_tokens: must be >= 1" in capsys.readouterr().err
+
+
+def test_stdout_carries_only_the_reply_in_a_real_process(adapter) -> None:
+    """``qolora generate ... > reply.txt`` and ``qolora chat`` through a pipe: stdout is the model's
+    text alone; the log lines (there are some) go to stderr."""
+    import os
+    import subprocess
+    import sys
+
+    cm = load_chat_model(adapter)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    cmd = [sys.executable, "-m", "qolora"]
+    args = ["--greedy", "--max-new-tokens", "6"]
+    gen = subprocess.run(
+        [*cmd, "generate", str(adapter), "--prompt", "hello world", *args], env=env, capture_output=True, text=True
+    )
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert gen.stdout == generate(cm, "hello world", max_new_tokens=6, greedy=True) + "\n"
+    assert "INFO qolora" in gen.stderr
+    chat = subprocess.run(
+        [*cmd, "chat", str(adapter), *args], input="hello\n/exit\n", env=env, capture_output=True, text=True
+    )
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert chat.stdout == generate(cm, [{"role": "user", "content": "hello"}], max_new_tokens=6, greedy=True) + "\n"
+    assert "INFO qolora" in chat.stderr

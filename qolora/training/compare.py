@@ -18,7 +18,8 @@ from typing import Any
 from .._io import save_figure_atomic, write_json_atomic
 from ..choices import INITS
 from ..config import Config, dump_config
-from .run import is_finished, latest_checkpoint, train
+from . import run_dir as rundir
+from .run import is_finished, train
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def train_once(cfg: Config, name: str) -> dict[str, Any]:
     else:
         logger.info("training %s", name)
         t0 = time.perf_counter()
-        train(cfg, resume=run_dir.exists() and latest_checkpoint(run_dir) is not None)
+        train(cfg, resume=bool(rundir.checkpoints(run_dir)))
         m = json.loads(metrics.read_text())
         m["compare_wall_time_s"] = round(time.perf_counter() - t0, 1)
         write_json_atomic(metrics, m)

@@ -1,24 +1,36 @@
 """``train(cfg)``: the whole pipeline on one screen.
 
 load_quantized → get_qolora_model → build_trainer → train → save_adapter
+
+Around it: the ranks join and agree on the config (``distributed``), the run folder is locked and
+its latest complete checkpoint found (``run_dir``), rows are tokenized before any model loads, the
+OLoRA init runs once (``init_once``) and the kernel is checked; a divergence or a signal ends the
+run in one line with its checkpoints intact (``guard``), and only a finished run writes ``adapter/``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
-import re
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from .. import distributed, quant
+from .._io import RunStopped
 from ..adapter_dir import DATA_KEYS, META_FILE
 from ..adapters import check_ranks, get_qolora_model, load_adapter, save_adapter
 from ..config import Config, ConfigError, changed_on_resume, dump_config, flat_dict
 from ..quant import check_kernel, meta_model, resolve_model
+from . import run_dir
+from .callbacks import MetricsCallback
 from .data import load_rows, load_sources
+from .guard import DivergedError, SignalStop
 from .tokenize import Encoder, head, pack_examples, split_rows
 from .trainer import build_trainer, check_report_to, prepare_for_training_
 
@@ -26,16 +38,6 @@ logger = logging.getLogger(__name__)
 
 INITIAL_ADAPTER = "initial_adapter"
 FINAL_ADAPTER = "adapter"
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The ``checkpoint-N`` dir with the largest N that holds a complete trainer state."""
-    found = []
-    for d in output_dir.glob("checkpoint-*"):
-        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
-        if m and (d / "trainer_state.json").is_file():
-            found.append((int(m.group(1)), d))
-    return max(found)[1] if found else None
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -112,8 +114,6 @@ def check_resume(cfg: Config, out: Path) -> None:
 
 def check_world_size(out: Path, w: distributed.World) -> None:
     """A --resume runs at the world size its checkpoints were written at (their data order and RNG)."""
-    import json
-
     try:
         before = json.loads((out / "metrics.json").read_text()).get("world_size", 1)
     except (OSError, ValueError):
@@ -144,20 +144,109 @@ def init_once(cfg: Config, base: nn.Module, out: Path, fresh: bool, w: distribut
     return model, digests
 
 
+@contextlib.contextmanager
+def locked(out: Path, w: distributed.World) -> Iterator[None]:
+    """Rank 0 holds the run folder's lock for the body (``run_dir.run_lock``); every rank learns if it could not."""
+    with contextlib.ExitStack() as stack:
+        err = None
+        if w.is_main:
+            try:
+                stack.enter_context(run_dir.run_lock(out))
+            except run_dir.RunLockedError as e:
+                err = str(e)
+        err = distributed.all_gather(err, w)[0]
+        if err:
+            raise run_dir.RunLockedError(err)
+        yield
+
+
+@contextlib.contextmanager
+def signals_stop(w: distributed.World, out: Path) -> Iterator[SignalStop | None]:
+    """One process: SIGTERM / SIGINT checkpoint the step in progress, then stop (``SignalStop``).
+    Several: the launcher stops every rank when one fails, and each exits at once in one line."""
+    if w.size > 1 or threading.current_thread() is not threading.main_thread():
+        distributed.exit_in_one_line_on_sigterm(w, out)
+        yield None
+        return
+    stop = SignalStop()
+    stop.install()
+    try:
+        yield stop
+    finally:
+        stop.uninstall()
+
+
+def resume_point(out: Path, resume: bool, w: distributed.World) -> Path | None:
+    """The checkpoint a --resume continues (the newest complete one, found by rank 0, which sets the
+    incomplete ones aside); without --resume, none may exist."""
+    found = run_dir.checkpoints(out) if out.exists() else []
+    if found and not resume:
+        raise ConfigError(
+            f"train.output_dir: {out} already has {found[-1][1].name}; pass --resume, or choose another dir"
+        )
+    ckpt = run_dir.latest_complete_checkpoint(out) if resume and found and w.is_main else None
+    ckpt = distributed.all_gather(str(ckpt) if ckpt else None, w)[0]
+    return Path(ckpt) if ckpt else None
+
+
+def write_stop(trainer: Any, stopped: dict[str, Any], w: distributed.World) -> None:
+    """Record why the run stopped in ``metrics.json`` (rank 0)."""
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, MetricsCallback) and w.is_main:
+            cb.extra["stopped"] = stopped
+            cb.write(trainer.state)
+
+
+def run_trainer(trainer: Any, ckpt: Path | None, out: Path, stop: SignalStop | None, w: distributed.World) -> None:
+    """``trainer.train()``; a divergence or a signal is recorded in ``metrics.json`` and ends in one line."""
+    if stop is not None:
+        trainer.add_callback(stop)
+    if ckpt is not None and trainer.guard is not None:  # the guard continues as in the uninterrupted run
+        saved = json.loads((ckpt / "trainer_state.json").read_text()).get("stateful_callbacks", {})
+        trainer.guard.load_state(saved.get("GuardState", {}).get("attributes", {}).get("saved", {}))
+    try:
+        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    except DivergedError as e:
+        last = run_dir.latest_complete_checkpoint(out, set_aside=False)
+        write_stop(trainer, {"reason": "diverged", "message": str(e), "last_checkpoint": last and last.name}, w)
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+        raise DivergedError(
+            f"{e}; {where}, and no adapter/ was written; lower train.lr and train again in a new "
+            "train.output_dir (a --resume would take the same steps), or set train.divergence_check=false"
+        ) from None
+    report = stop.report() if stop is not None else None
+    if report is not None:
+        write_stop(trainer, report, w)
+        saved = (
+            f"wrote checkpoint-{report['step']} in {report['signal_to_saved_s']} s"
+            if report["step"]
+            else ("wrote no checkpoint (the divergence guard held it back)")
+        )
+        raise RunStopped(
+            f"stopped by {report['reason']}: {saved}; --resume continues from it in {out}", 128 + stop.signum
+        )
+
+
 def train(cfg: Config, resume: bool = False) -> Path:
     """Fine-tune per ``cfg``; returns the final adapter dir. ``resume`` continues the latest checkpoint.
 
     Under torchrun or accelerate launch every process runs this; rank logic is in ``distributed``.
+
+    Raises:
+        ConfigError, RunLockedError, DiskFullError, DivergedError: one line each (exit 2 from the CLI).
+        RunStopped: SIGTERM or SIGINT, after the checkpoint of the step in progress was written.
     """
     w = distributed.world()
     mode = distributed.resolve_mode(cfg.train.distributed, w)
     distributed.setup(w)
     distributed.check_same("the config", {**flat_dict(cfg), "--resume": resume}, w)
     out = Path(cfg.train.output_dir)
-    distributed.exit_in_one_line_on_sigterm(w, out)
-    ckpt = latest_checkpoint(out) if out.exists() else None
-    if ckpt is not None and not resume:
-        raise ConfigError(f"train.output_dir: {out} already has {ckpt.name}; pass --resume, or choose another dir")
+    with locked(out, w), signals_stop(w, out) as stop:
+        return _train(cfg, resume, mode, out, stop, w)
+
+
+def _train(cfg: Config, resume: bool, mode: str, out: Path, stop: SignalStop | None, w: distributed.World) -> Path:
+    ckpt = resume_point(out, resume, w)
     if resume:
         check_resume(cfg, out)
         check_world_size(out, w)
@@ -169,7 +258,6 @@ def train(cfg: Config, resume: bool = False) -> Path:
         train_ex, eval_ex, data_stats = prepare_data(cfg, tokenizer)
     distributed.barrier(w)  # every rank has checked the run dir before rank 0 writes into it
     if w.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
     base = load_base(cfg, w.device_map)
     prepare_for_training_(base, cfg.train.gradient_checkpointing)
@@ -199,7 +287,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         w.size,
     )
     trainer = build_trainer(model, tokenizer, train_ex, eval_ex, cfg, extra, eval_on_start=not resume)
-    trainer.train(resume_from_checkpoint=str(ckpt) if (resume and ckpt) else None)
+    run_trainer(trainer, ckpt, out, stop, w)
     final = out / FINAL_ADAPTER
     if w.is_main:
         save_adapter(model, final)

@@ -6,6 +6,8 @@ import contextlib
 import importlib.util
 import inspect
 import logging
+import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,8 +16,11 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import EvalLoopOutput
 
+from .._io import disk_full_as_one_line
 from ..config import Config, ConfigError
+from . import run_dir
 from .callbacks import MetricsCallback
+from .guard import DivergenceGuard, GuardState
 from .losses import IGNORE, chunked_ce_sum
 from .lr import resolve_lr
 from .tokenize import Collator
@@ -102,15 +107,95 @@ def final_hidden(model: nn.Module, lm: nn.Module, fwd: dict[str, Any]) -> torch.
     return captured["hidden"]
 
 
+def grad_norm(model: nn.Module) -> float:
+    """The 2-norm of every trainable parameter's gradient (all-reduced already under DDP)."""
+    norms = [torch.linalg.vector_norm(p.grad.float()) for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
 class QoloraTrainer(Trainer):
     """Trainer whose loss is chunked cross-entropy, whose saved activations can live on the CPU,
-    and whose eval loss is token-weighted (as ``qolora eval``), not a mean of batch means."""
+    and whose eval loss is token-weighted (as ``qolora eval``), not a mean of batch means.
+
+    Its checkpoints are sealed once complete (``run_dir``), a full disk while writing one is one
+    line, and a ``DivergenceGuard`` (if given) checks each optimizer step before it is applied.
+    """
 
     def __init__(
-        self, *args: Any, ce_chunk: int | None = None, offload_activations: bool = False, **kwargs: Any
+        self,
+        *args: Any,
+        ce_chunk: int | None = None,
+        offload_activations: bool = False,
+        guard: DivergenceGuard | None = None,
+        keep_checkpoints: int | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.ce_chunk, self.offload = ce_chunk, offload_activations
+        self.guard, self.keep_checkpoints = guard, keep_checkpoints
+        self._step_loss: torch.Tensor | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001
+        """One micro-batch; on the last of an optimizer step, the guard sees the step's loss (the
+        mean over ranks, as logged) and gradient norm before the optimizer applies it."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.guard is None:
+            return loss
+        self._step_loss = loss.detach() if self._step_loss is None else self._step_loss + loss.detach()
+        if self.accelerator.sync_gradients:
+            from .. import distributed
+
+            w = distributed.world()
+            (step_loss,) = distributed.all_reduce_sum([float(self._step_loss)], w, loss.device)
+            self._step_loss = None
+            # with fp16 loss scaling an inf gradient is an overflow the scaler skips, not a divergence
+            norm = None if self.args.fp16 else grad_norm(model)
+            self.guard.observe(self.state.global_step + 1, step_loss / w.size, norm)
+        return loss
+
+    def checkpoint_bytes(self, out: Path) -> int:
+        """About what a checkpoint needs on disk: the trainable weights, the optimizer state, 1 MiB of
+        JSON and RNG state; or the last sealed checkpoint's size if larger."""
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        opt = 0
+        if self.optimizer is not None:
+            for st in self.optimizer.state.values():
+                opt += sum(t.numel() * t.element_size() for t in st.values() if isinstance(t, torch.Tensor))
+        last = max((run_dir.sealed_bytes(d) for _, d in run_dir.checkpoints(out)), default=0)
+        return max(params + opt + 2**20, last)
+
+    def _save_checkpoint(self, model, trial):  # noqa: ANN001
+        """transformers' checkpoint, then its seal and the rotation (``run_dir``); none while the
+        divergence guard suspects a blow-up; a full disk is one line and leaves no partial checkpoint."""
+        from .. import distributed
+
+        out = Path(self.args.output_dir)
+        ckpt = out / f"checkpoint-{self.state.global_step}"
+        if self.guard is not None and self.guard.suspect:
+            logger.warning(
+                "not writing %s: the smoothed loss %.4g is above its bound %.4g (divergence guard); the last "
+                "checkpoint stays the latest",
+                ckpt.name,
+                self.guard.ema,
+                self.guard.bound(),
+            )
+            return
+        w = distributed.world()
+        need = self.checkpoint_bytes(out)
+        try:
+            with disk_full_as_one_line(f"checkpoint {ckpt.name}", ckpt, need):
+                super()._save_checkpoint(model, trial)
+                distributed.barrier(w)  # every rank's files (its RNG state) are in before the seal
+                if w.is_main:
+                    run_dir.seal(ckpt)
+        except BaseException:
+            if w.is_main:
+                import shutil
+
+                shutil.rmtree(ckpt, ignore_errors=True)  # nothing that looks like a checkpoint is left
+            raise
+        if w.is_main and self.keep_checkpoints:
+            run_dir.rotate(out, self.keep_checkpoints)
 
     def loss_sum(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token CE over the label tokens, and their count."""
@@ -232,7 +317,7 @@ def build_trainer(
         data_seed=t.seed,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # QOLoRA rotates, counting sealed checkpoints only (run_dir.rotate)
         eval_strategy="steps" if eval_examples else "no",
         eval_steps=t.eval_steps,
         eval_on_start=bool(eval_examples) and eval_on_start,
@@ -248,17 +333,27 @@ def build_trainer(
         length_column_name="length",  # written by the tokenizing map: no pass over the data to measure
         include_num_input_tokens_seen="all" if cfg.data.packing else "non_padding",  # packs have no padding
         prediction_loss_only=True,
+        logging_nan_inf_filter=False,  # a non-finite loss is logged as it is, never averaged away
         disable_tqdm=False,
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient: no extra graph traversal
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    vocab = getattr(model.get_output_embeddings(), "out_features", None)  # a uniform guess's loss is ln(vocab)
+    guard = (
+        DivergenceGuard(t.divergence_factor, t.divergence_patience, math.log(vocab) if vocab else None)
+        if t.divergence_check
+        else None
+    )
+    extra_metrics["divergence_guard"] = guard.settings() if guard else None
     return QoloraTrainer(
         ce_chunk=t.ce_chunk if t.chunked_ce else None,
         offload_activations=t.offload_activations,
+        guard=guard,
+        keep_checkpoints=t.save_total_limit,
         model=model,
         args=args,
         train_dataset=train_examples,
         eval_dataset=eval_examples or None,
         data_collator=Collator(pad),
-        callbacks=[MetricsCallback(t.output_dir, extra_metrics)],
+        callbacks=[MetricsCallback(t.output_dir, extra_metrics), GuardState(guard)],
     )

@@ -1,8 +1,11 @@
-"""``qolora train`` under a launcher, with one fault injected (tests/test_distributed.py).
+"""``qolora train``, under a launcher or alone, with one fault injected (tests/test_distributed.py,
+tests/test_faults.py).
 
 FAULT=perturb: rank 1's 4-bit residual of one layer is moved after it is rebuilt.
 FAULT=config:  rank 1 gets another train.lr.
 FAULT=kill:    rank 1 kills itself with SIGKILL right after checkpoint-4 is saved.
+FAULT=signal:  the process sends itself $SIGNAL (SIGTERM, SIGINT) as step 4 begins, from outside the loop.
+FAULT=pause:   at step 2 the run touches $PAUSED and waits for $GO to exist: a run busy training.
 """
 
 import os
@@ -19,6 +22,18 @@ from qolora import cli, quant
 rank = int(os.environ.get("RANK", 0))
 fault = os.environ.get("FAULT", "")
 argv = sys.argv[1:]
+
+
+def add_callback(callback: TrainerCallback) -> None:
+    build = run.build_trainer
+
+    def build_with_callback(*a, **k):
+        trainer = build(*a, **k)
+        trainer.add_callback(callback)
+        return trainer
+
+    run.build_trainer = build_with_callback
+
 
 if fault == "perturb":
     load = run.load_adapter
@@ -43,13 +58,24 @@ elif fault == "kill":
                 Path(args.output_dir, "killed_at").write_text(str(time.time()))
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    build = run.build_trainer
+    add_callback(KillAfterSave())
+elif fault == "signal":
 
-    def build_with_kill(*a, **k):
-        trainer = build(*a, **k)
-        trainer.add_callback(KillAfterSave())
-        return trainer
+    class SignalInStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 3:
+                os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
 
-    run.build_trainer = build_with_kill
+    add_callback(SignalInStep())
+elif fault == "pause":
+
+    class Pause(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 1:
+                Path(os.environ["PAUSED"]).touch()
+                while not Path(os.environ["GO"]).exists():
+                    time.sleep(0.05)
+
+    add_callback(Pause())
 
 sys.exit(cli.main(argv))

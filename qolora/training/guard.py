@@ -1,0 +1,193 @@
+"""Faults while a run goes: a diverging loss, and a SIGTERM or Ctrl-C that should cost no work.
+
+``DivergenceGuard`` watches every optimizer step's loss and gradient norm; ``SignalStop`` turns
+SIGTERM and SIGINT into "finish this step, write a checkpoint, exit". Both end the run with one
+line (``RunStopped``), and neither writes a final adapter: the run's state is its last complete
+checkpoint, which ``--resume`` continues.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from .._io import RunStopped
+
+logger = logging.getLogger(__name__)
+
+
+class DivergedError(ValueError):
+    """The loss or gradient norm diverged: one line naming the step and the value (exit 2)."""
+
+
+@dataclass
+class DivergenceGuard:
+    """Stops a run at the first non-finite loss or gradient norm, or when the smoothed loss stays
+    above its bound for ``patience`` steps in a row.
+
+    The smoothed loss is an exponential moving average over about 10 steps (``beta`` 0.9). Its bound
+    is the lower of two:
+    - ``factor`` × its lowest level, the lowest of a slower average over about 50 steps (``slow_beta``
+      0.98, bias-corrected, so a running mean at first), counted from step ``min_steps`` on: one
+      lucky first batch does not set the bar;
+    - 90% of ``uniform_loss`` (ln of the vocabulary size: the loss of a uniform guess), for a run
+      that began below 75% of it: a pretrained model that drifts to a uniform guess has diverged
+      (the demo at lr 50 does; a random-init test model starts there and is exempt).
+
+    Note:
+        While a step is above the bound the run is "suspect" and no checkpoint is written, so the
+        last checkpoint on disk is from before the blow-up began.
+    """
+
+    factor: float = 3.0
+    patience: int = 10
+    uniform_loss: float | None = None
+    beta: float = 0.9
+    slow_beta: float = 0.98
+    min_steps: int = 10
+    ema: float | None = None
+    slow: float = 0.0
+    seen: int = 0
+    first: float | None = None
+    lowest: float = math.inf
+    over: int = 0
+    last_good_step: int = 0
+
+    @property
+    def suspect(self) -> bool:
+        return self.over > 0
+
+    def bound(self) -> float:
+        """What the smoothed loss may reach now (inf before anything bounds it)."""
+        b = self.factor * self.lowest
+        if self.uniform_loss is not None and self.first is not None and self.first < 0.75 * self.uniform_loss:
+            b = min(b, 0.9 * self.uniform_loss)
+        return b
+
+    def observe(self, step: int, loss: float, grad_norm: float | None) -> None:
+        """Take step ``step``'s loss (and gradient norm, None if not checked).
+
+        Raises:
+            DivergedError: non-finite loss or gradient norm, or a sustained blow-up.
+        """
+        if not math.isfinite(loss):
+            raise DivergedError(f"training diverged at step {step}: the loss is {loss}")
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            raise DivergedError(f"training diverged at step {step}: the gradient norm is {grad_norm} (loss {loss:.4g})")
+        self.first = loss if self.first is None else self.first
+        self.ema = loss if self.ema is None else self.beta * self.ema + (1 - self.beta) * loss
+        self.seen += 1
+        self.slow = self.slow_beta * self.slow + (1 - self.slow_beta) * loss
+        if self.seen >= self.min_steps:
+            self.lowest = min(self.lowest, self.slow / (1 - self.slow_beta**self.seen))
+        bound = self.bound()
+        if self.ema > bound:
+            self.over += 1
+            if self.over >= self.patience:
+                raise DivergedError(
+                    f"training diverged at step {step}: the smoothed loss {self.ema:.4g} has been above "
+                    f"{self._why(bound)} for {self.over} steps (loss {loss:.4g})"
+                )
+        else:
+            self.over = 0
+            self.last_good_step = step
+
+    def _why(self, bound: float) -> str:
+        if bound == self.factor * self.lowest:
+            return f"{self.factor:g} x its lowest level {self.lowest:.4g}"
+        return f"{bound:.4g}, 90% of a uniform guess's loss ln(vocab) = {self.uniform_loss:.4g}"
+
+    def settings(self) -> dict[str, float | None]:
+        return {
+            "factor": self.factor,
+            "patience": self.patience,
+            "uniform_loss": self.uniform_loss,
+            "beta": self.beta,
+            "slow_beta": self.slow_beta,
+            "min_steps": self.min_steps,
+        }
+
+    def state(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.STATE}
+
+    STATE = ("ema", "slow", "seen", "first", "lowest", "over", "last_good_step")
+
+    def load_state(self, s: dict[str, Any]) -> None:
+        for k in self.STATE:
+            if k in s:
+                setattr(self, k, s[k])
+
+
+class GuardState(TrainerCallback, ExportableState):
+    """Carries the guard's state in each checkpoint's ``trainer_state.json``, so a resumed run's
+    guard is the uninterrupted run's."""
+
+    def __init__(self, guard: DivergenceGuard | None = None) -> None:
+        self.guard = guard
+
+    def state(self) -> dict[str, Any]:
+        return {"args": {}, "attributes": {"saved": self.guard.state() if self.guard else {}}}
+
+
+@dataclass
+class SignalStop(TrainerCallback):
+    """SIGTERM (how SLURM, Kubernetes and spot GPUs stop a job) and SIGINT (Ctrl-C): the step in
+    progress finishes, a checkpoint of it is written, and the run ends with ``RunStopped``.
+
+    A second signal, or one that comes before training starts, stops at once: every output is
+    atomic, so the last complete checkpoint stays what ``--resume`` continues from.
+    """
+
+    signum: int | None = None
+    at: float | None = None
+    in_loop: bool = False
+    saved_step: int | None = None
+    saved_s: float | None = None
+    _previous: dict[int, Any] = field(default_factory=dict)
+
+    def install(self) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._previous[s] = signal.signal(s, self._handle)
+
+    def uninstall(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None or not self.in_loop:
+            raise RunStopped(
+                f"stopped by {name} before a checkpoint of the current step was written; --resume continues from "
+                "the last complete checkpoint",
+                128 + signum,
+            )
+        self.signum, self.at = signum, time.perf_counter()
+        logger.warning("%s: finishing this step, then writing a checkpoint and stopping (again: stop at once)", name)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.in_loop = True
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.signum is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.signum is not None and self.saved_step is None:
+            self.saved_step, self.saved_s = state.global_step, round(time.perf_counter() - self.at, 2)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.in_loop = False
+
+    def report(self) -> dict[str, Any] | None:
+        if self.signum is None:
+            return None
+        return {"reason": signal.Signals(self.signum).name, "step": self.saved_step, "signal_to_saved_s": self.saved_s}

@@ -1,0 +1,165 @@
+"""The training output dir's faults: one run at a time (a lock), checkpoints that are complete only
+once sealed, and a resume that skips a checkpoint that is not.
+
+A checkpoint is written by transformers' Trainer file by file. QOLoRA then writes
+``qolora-seal.json`` into it: every file's size and sha256. A checkpoint without a seal (a crash
+or a full disk while saving) or whose files no longer match it (truncated later) is not complete:
+``--resume`` moves it aside as ``checkpoint-N.incomplete`` with a warning and takes the one before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from .._io import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = ".qolora-run.lock"
+SEAL_FILE = "qolora-seal.json"
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+
+
+class RunLockedError(OSError):
+    """Another live process trains in this output dir (exit 2 from the CLI)."""
+
+
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.qolora-run.lock`` for the body: a second run in ``out`` is refused in one line naming
+    the running one; a lock left by a killed run is taken over with a warning.
+
+    Note:
+        The lock is a ``flock`` on the file, which the kernel releases when its process dies, so a
+        killed run (kill -9, OOM) never leaves a stale lock behind; the pid and host written into
+        the file only say who holds it.
+    """
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(path)
+            raise RunLockedError(
+                f"train.output_dir: {out} is in use by another qolora train ({holder}); wait for it to end, "
+                "or choose another train.output_dir"
+            ) from None
+        old = _read_holder_dict(path)
+        if old.get("pid") and not old.get("ended"):  # its holder died without releasing it cleanly
+            logger.warning("%s: taking over the lock of a run that was killed (%s)", out, _describe(old))
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps({**me, "ended": True}) + "\n").encode(), 0)
+    finally:
+        os.close(fd)  # releases the flock
+        if created and [p.name for p in out.iterdir()] == [LOCK_FILE]:  # a run that wrote nothing leaves nothing
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+
+
+def _read_holder_dict(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe(h: dict) -> str:
+    return f"pid {h.get('pid', '?')} on {h.get('host', '?')}, started {h.get('started', '?')}"
+
+
+def _read_holder(path: Path) -> str:
+    return _describe(_read_holder_dict(path))
+
+
+def checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """``(N, checkpoint-N)`` in ``out``, sealed or not, by N."""
+    found = [(int(m.group(1)), d) for d in out.glob("checkpoint-*") if (m := CHECKPOINT_RE.fullmatch(d.name))]
+    return sorted(found)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def seal(ckpt: Path) -> int:
+    """Write ``ckpt``'s seal (every file's size and sha256), last and atomically; its total bytes."""
+    files = {str(p.relative_to(ckpt)): p for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != SEAL_FILE}
+    entries = {k: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for k, p in files.items()}
+    write_json_atomic(ckpt / SEAL_FILE, {"files": entries})
+    return sum(e["bytes"] for e in entries.values())
+
+
+def seal_problem(ckpt: Path) -> str | None:
+    """Why ``ckpt`` is not complete (no seal, a file missing, another size or content), or None."""
+    try:
+        files = json.loads((ckpt / SEAL_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"it has no {SEAL_FILE} (its save did not finish)"
+    if "trainer_state.json" not in files:
+        return "its seal lists no trainer_state.json"
+    for name, e in files.items():
+        p = ckpt / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != e["bytes"]:
+            return f"{name} is {p.stat().st_size} bytes, its seal says {e['bytes']}"
+        if _sha256(p) != e["sha256"]:
+            return f"{name} does not match its sha256 in the seal"
+    return None
+
+
+def sealed_bytes(ckpt: Path) -> int:
+    """The bytes a sealed checkpoint holds (0 if unsealed)."""
+    try:
+        return sum(e["bytes"] for e in json.loads((ckpt / SEAL_FILE).read_text())["files"].values())
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def latest_complete_checkpoint(out: Path, set_aside: bool = True) -> Path | None:
+    """The newest checkpoint whose seal holds. Newer ones that fail are named in a warning and, if
+    ``set_aside``, renamed ``checkpoint-N.incomplete`` (the resumed run writes a fresh checkpoint-N)."""
+    for _, d in reversed(checkpoints(out)):
+        problem = seal_problem(d)
+        if problem is None:
+            return d
+        aside = d.with_name(d.name + ".incomplete")
+        k = 1
+        while aside.exists():
+            aside, k = d.with_name(f"{d.name}.incomplete{k}"), k + 1
+        logger.warning("skipping %s: %s; %s", d, problem, f"moved to {aside.name}" if set_aside else "not complete")
+        if set_aside:
+            d.rename(aside)
+    return None
+
+
+def rotate(out: Path, keep: int) -> None:
+    """Delete the oldest sealed checkpoints beyond the newest ``keep``; unsealed ones are left alone."""
+    sealed = [d for _, d in checkpoints(out) if (d / SEAL_FILE).is_file()]
+    for d in sealed[:-keep]:
+        shutil.rmtree(d, ignore_errors=True)
