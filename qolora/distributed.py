@@ -138,6 +138,26 @@ def exit_in_one_line_on_sigterm(w: World, output_dir: os.PathLike[str] | str) ->
     signal.signal(signal.SIGTERM, stop)
 
 
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote worker crashing")
+
+
+@contextlib.contextmanager
+def lost_rank_as_one_line(w: World, output_dir: os.PathLike[str] | str) -> Iterator[None]:
+    """A collective that fails because another rank died (gloo: "Connection closed by peer") is one
+    line, as the launcher's SIGTERM is: which of the two comes first is a race."""
+    try:
+        yield
+    except RuntimeError as e:  # DistBackendError (nccl) is one; gloo raises a plain RuntimeError
+        lost = isinstance(e, torch.distributed.DistBackendError) or any(m in str(e) for m in PEER_LOST)
+        if w.size == 1 or not lost:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DistributedError(
+            f"lost another rank (it died or was stopped: {first[:200]}); --resume continues from the last "
+            f"complete checkpoint in {output_dir}"
+        ) from None
+
+
 def barrier(w: World) -> None:
     if w.size > 1:
         torch.distributed.barrier()

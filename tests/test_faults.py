@@ -400,4 +400,4 @@ def test_a_really_full_tmpfs_is_one_line(chat_model_dir, tmp_path, monkeypatch, 
         train(cfg, resume=True)  # space freed: the run continues
         assert (run / "adapter").is_dir()
     finally:
-        subprocess.run(["umount", str(disk)])
+        subprocess.run(["umount", "-l", str(disk)])  # lazy: the test process may still map a file there

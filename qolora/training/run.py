@@ -241,7 +241,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     distributed.setup(w)
     distributed.check_same("the config", {**flat_dict(cfg), "--resume": resume}, w)
     out = Path(cfg.train.output_dir)
-    with locked(out, w), signals_stop(w, out) as stop:
+    with distributed.lost_rank_as_one_line(w, out), locked(out, w), signals_stop(w, out) as stop:
         return _train(cfg, resume, mode, out, stop, w)
 
 
