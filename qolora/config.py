@@ -16,6 +16,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from .choices import DISTRIBUTED_MODES, DTYPE_NAMES, INIT_SOURCES, INITS, QUANT_TYPES, REPORT_TO, TRAIN_OPTIMIZERS
+from .training.formats import FORMAT_NAMES
 
 CONFIG_VERSION = 1
 
@@ -81,8 +82,8 @@ class DataConfig:
         "or a list of them, each optionally {path, max_rows, fraction}",
     )
     eval: str | None = _f(None, "held-out data in the same formats; default: data.eval_fraction of the training rows")
-    format: Literal["auto", "alpaca", "chat", "prompt_completion", "text"] = _f(
-        "auto", "row format: auto (detected), alpaca, chat, prompt_completion, text"
+    format: Literal[("auto", *FORMAT_NAMES)] = _f(
+        "auto", f"row format: auto (detected), {', '.join(FORMAT_NAMES)} (training/formats.py)"
     )
     template: Literal["auto", "chat", "plain"] = _f(
         "auto", "prompt rendering: auto (the tokenizer's chat template if it has one), chat, plain"

@@ -2,8 +2,8 @@
 
 Either the exact QOLoRA model (an adapter dir: its 4-bit residual base rebuilt from the recorded
 checkpoint, as ``load_adapter`` does) or a merged folder (``qolora export merged``). Prompts are
-rendered the way training rendered them: the tokenizer's chat template when the adapter was
-trained with it (``data.template``, recorded in ``qolora.json``), else the plain ``role: text`` lines.
+rendered by training's own renderer (``Encoder.prompt_ids``) from the data format and template
+recorded in ``qolora.json``: the tokens the model saw before its first trained token.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class ChatModel:
     tokenizer: Any
     template: str  # "chat" or "plain"
     source: str  # what was loaded, for the banner
+    format: str | None = None  # the data format it was trained on (None: not recorded)
 
 
 def load_chat_model(path: str | os.PathLike[str], template: str = "auto", progress: bool = False) -> ChatModel:
@@ -50,9 +51,16 @@ def load_chat_model(path: str | os.PathLike[str], template: str = "auto", progre
         meta = next(iter(model.qolora_states.values())).meta
         tok_dir = meta.checkpoint or meta.base_model
         recorded = (meta.data or {}).get("template", "auto")
+        fmt = (meta.data or {}).get("format")
+        if fmt is None:
+            logger.warning(
+                "%s records no data format (written before QOLoRA recorded it): prompts are rendered as "
+                "prompt/completion rows (chat turns for a conversation)",
+                p / META_FILE,
+            )
         source = f"QOLoRA adapter {p} on its 4-bit base" if meta.quant else f"QOLoRA adapter {p}"
     elif (p / "config.json").is_file():
-        tok_dir, recorded = p, "auto"
+        tok_dir, recorded, fmt = p, "auto", None
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = resolve_compute_dtype("auto", device).dtype
         model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype).to(device)
@@ -66,23 +74,20 @@ def load_chat_model(path: str | os.PathLike[str], template: str = "auto", progre
         want = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
     if want == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"{tok_dir}: the tokenizer has no chat template; use --template plain")
-    return ChatModel(model, tokenizer, want, source)
+    return ChatModel(model, tokenizer, want, source, fmt)
 
 
 def prompt_ids(cm: ChatModel, prompt: Messages | str) -> list[int]:
-    """The prompt for the next assistant turn, rendered as training rendered it.
+    """The prompt for the next assistant turn, rendered as training rendered it (``Encoder.prompt_ids``).
 
-    ``prompt`` is a conversation, or one text: a user turn under a chat template, the raw prompt
-    otherwise (as prompt/completion rows were trained).
+    ``prompt`` is a conversation, or one text (a user turn). Without a recorded format a text is
+    rendered as a prompt/completion row and a conversation as a chat row.
     """
-    tok = cm.tokenizer
-    if cm.template == "chat":
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tok(text, add_special_tokens=False)["input_ids"]
-    if isinstance(prompt, str):
-        return tok(prompt)["input_ids"]
-    return tok("".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: ")["input_ids"]
+    from .training.tokenize import Encoder
+
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    fmt = cm.format or ("prompt_completion" if isinstance(prompt, str) else "chat")
+    return Encoder(cm.tokenizer, max_length=2**31, template=cm.template).prompt_ids(messages, fmt)
 
 
 class _Streamer:

@@ -177,7 +177,7 @@ def test_packed_batch_loss_equals_its_examples_one_by_one(chat_model_dir) -> Non
     """No attention crosses an example: fp32, tolerance 1e-5 relative (summation order only)."""
     from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
 
-    from qolora.training.trainer import QoloraTrainer
+    from qolora.training.losses import token_loss_sum
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(chat_model_dir, dtype=torch.float32).eval()
@@ -195,18 +195,16 @@ def test_packed_batch_loss_equals_its_examples_one_by_one(chat_model_dir) -> Non
     for k in ("input_ids", "labels", "position_ids"):
         assert batch[k].tolist() == ref[k].tolist(), k
     assert "attention_mask" not in batch
-    trainer = QoloraTrainer.__new__(QoloraTrainer)
     for chunk in (None, 4):  # plain and chunked cross-entropy
-        trainer.ce_chunk = chunk
         with torch.no_grad():
-            total, count = trainer.loss_sum(model, batch)
-            one = [trainer.loss_sum(model, Collator(pad_token_id=0)([ex])) for ex in exs]
+            total, count = token_loss_sum(model, batch, chunk)
+            one = [token_loss_sum(model, Collator(pad_token_id=0)([ex]), chunk) for ex in exs]
         want_total, want_count = sum(float(t) for t, _ in one), sum(int(c) for _, c in one)
         assert int(count) == want_count
         assert float(total) / int(count) == pytest.approx(want_total / want_count, rel=1e-5)
     # and it is the mask that does it: the same row without position_ids attends across examples
     with torch.no_grad():
-        crossed, _ = trainer.loss_sum(model, {k: batch[k] for k in ("input_ids", "labels")})
+        crossed, _ = token_loss_sum(model, {k: batch[k] for k in ("input_ids", "labels")}, chunk)
     assert abs(float(crossed) - want_total) > 1e-4 * want_total  # 20x the tolerance above
 
 

@@ -112,25 +112,39 @@ def test_guard_trips_on_nan_inf_and_a_sustained_blow_up_not_on_noise() -> None:
                 g.observe(s, v, 1.0)
 
 
-def test_a_diverging_run_stops_in_one_line_and_keeps_its_last_good_checkpoint(pretrained_dir, tmp_path, capsys):
-    cfg = _cfg(pretrained_dir, tmp_path, lr=1e3, max_steps=60, save_steps=1, warmup_ratio=0.0)
+class LrSpike(TrainerCallback):
+    """From optimizer step ``at`` + 1 on, lr 1e3: the model becomes a uniform guess after that update."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kw):
+        if state.global_step >= self.at:
+            for g in optimizer.param_groups:
+                g["lr"] = 1e3
+
+
+def test_a_diverging_run_stops_in_one_line_and_keeps_its_last_good_checkpoint(
+    pretrained_dir, tmp_path, monkeypatch, capsys
+):
+    cfg = _cfg(pretrained_dir, tmp_path, lr=1e-4, max_steps=60, save_steps=1, save_total_limit=3)
     dump_config(cfg, tmp_path / "cfg.yaml")
+    add_trainer_callback(monkeypatch, LrSpike(5))  # update 6 destroys the model: step 7's loss is ln(vocab)
     assert main(["train", str(tmp_path / "cfg.yaml")]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert "qolora train: error: training diverged at step" in line and "90% of a uniform guess" in line, line
     run = tmp_path / "run"
+    assert f"the last good checkpoint is {run / 'checkpoint-5'}," in line, line
     assert not (run / "adapter").exists()  # no final adapter that looks good
+    assert [n for n, _ in rd.checkpoints(run)] == [3, 4, 5]  # rotation kept 3 good ones, none after
+    assert all(rd.seal_problem(d) is None for _, d in rd.checkpoints(run))
+    assert (run / "checkpoint-6.diverged").is_dir()  # its weights gave step 7's loss: set aside
     m = json.loads((run / "metrics.json").read_text())
     assert m["divergence_guard"]["factor"] == 3.0 and m["divergence_guard"]["patience"] == 10
     assert m["divergence_guard"]["uniform_loss"] == pytest.approx(math.log(len(make_tokenizer())))
-    assert m["stopped"]["reason"] == "diverged"
-    kept = rd.checkpoints(run)
-    assert kept and all(rd.seal_problem(d) is None for _, d in kept)
-    last = kept[-1][0]
-    assert f"the last good checkpoint is {run / f'checkpoint-{last}'}" in line
-    losses = [h["loss"] for h in m["history"]]
-    assert losses[0] < 1.0 and losses[-1] > 3.5  # it did blow up, to a uniform guess ...
-    assert last < len(losses)  # ... and the checkpoints of the suspect steps were held back
+    assert m["stopped"]["reason"] == "diverged" and m["stopped"]["last_checkpoint"] == "checkpoint-5"
+    losses = {h["step"]: h["loss"] for h in m["history"]}
+    assert max(losses[s] for s in range(1, 7)) < 1.0 and losses[7] > 3.5
 
 
 def test_nan_stops_before_the_optimizer_applies_it(pretrained_dir, tmp_path, capsys):
@@ -178,11 +192,12 @@ DRIVER = Path(__file__).parent / "dist" / "driver.py"
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_a_signal_checkpoints_the_step_then_resume_gives_the_uninterrupted_losses(chat_model_dir, tmp_path, sig):
     (tmp_path / "ref").mkdir()
-    ref = _cfg(chat_model_dir, tmp_path / "ref", max_steps=7, save_steps=100)
+    # logging every 3 steps: the checkpoint at step 4 falls inside a logging window
+    ref = _cfg(chat_model_dir, tmp_path / "ref", max_steps=7, save_steps=100, logging_steps=3)
     train(ref)
     want = _history(tmp_path / "ref" / "run")
     (tmp_path / "cut").mkdir()
-    cfg = _cfg(chat_model_dir, tmp_path / "cut", max_steps=7, save_steps=100)
+    cfg = _cfg(chat_model_dir, tmp_path / "cut", max_steps=7, save_steps=100, logging_steps=3)
     dump_config(cfg, tmp_path / "cut" / "cfg.yaml")
     t0 = time.perf_counter()
     proc = subprocess.run(
@@ -202,7 +217,8 @@ def test_a_signal_checkpoints_the_step_then_resume_gives_the_uninterrupted_losse
     assert stopped["reason"] == sig and stopped["step"] == 4 and stopped["signal_to_saved_s"] < 60
     assert time.perf_counter() - t0 < 300
     train(cfg, resume=True)
-    assert _history(run) == want  # bit-identical losses, steps 1..7
+    assert [h["step"] for h in want] == [1, 3, 6]
+    assert _history(run) == want  # bit-identical losses, the window 4..6 included
 
 
 def test_a_second_signal_or_one_before_training_stops_at_once() -> None:

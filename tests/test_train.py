@@ -34,7 +34,8 @@ def test_train_writes_outputs_and_learns(chat_model_dir, tmp_path) -> None:
     assert m["init_report"]["sources"] == {"checkpoint": 14}
     for d in ("initial_adapter", "adapter"):  # eval and export read these, not the run's config.yaml
         recorded = json.loads((run / d / "qolora.json").read_text())["data"]
-        assert recorded == {"train": cfg.data.train, "template": "auto", "max_length": 32, "completion_only": True}
+        want = {"train": cfg.data.train, "template": "auto", "max_length": 32, "completion_only": True}
+        assert recorded == {**want, "format": "prompt_completion"}  # the format as detected
     model = qolora.load_adapter(adapter, progress=False)
     assert torch.isfinite(logits(model, torch.tensor([[1, 7, 8, 9]]))).all()
 

@@ -4,10 +4,12 @@ validate every row.
 Sources: ``.json`` (a list of objects, or one key holding it), ``.jsonl``, ``.csv``, ``.parquet``,
 ``.arrow``, a folder saved with ``datasets.Dataset.save_to_disk``, or a hub dataset id already in
 the local HF cache (no network). Files are read by ``datasets.load_dataset``, which converts them
-to Arrow once (cached, memory-mapped), so a million rows never become Python objects. Formats:
+to Arrow once (cached, memory-mapped), so a million rows never become Python objects. Formats
+(``formats.py``, one object each):
 
-- ``alpaca``: ``instruction``, optional ``input``, ``output``
 - ``chat``: ``messages``: a list of ``{role, content}``
+- ``sharegpt``: ``conversations``: a list of ``{from, value}``, from human / gpt / system
+- ``alpaca``: ``instruction``, optional ``input``, ``output``
 - ``prompt_completion``: ``prompt``, ``completion``
 - ``text``: ``text``
 
@@ -27,15 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .formats import FORMATS, get_format
+
 logger = logging.getLogger(__name__)
 
-FORMATS: dict[str, tuple[str, ...]] = {
-    "chat": ("messages",),
-    "alpaca": ("instruction", "output"),
-    "prompt_completion": ("prompt", "completion"),
-    "text": ("text",),
-}
-ROLES = ("system", "user", "assistant", "tool")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 ERROR = "_qolora_error"  # the validation map's per-row error column (null for a good row)
 
@@ -184,75 +181,28 @@ def detect_format(path: str, rows: Any) -> str:
         if len(rows) == 0:
             raise DataError(f"{path}: no rows")
         i, keys = 0, sorted(rows.column_names)
-    for fmt, need in FORMATS.items():
-        if all(k in keys for k in need):
-            return fmt
+    for name, f in FORMATS.items():
+        if all(k in keys for k in f.fields):
+            return name
     raise DataError(
         f"{path} row {i + 1}: cannot detect the format from fields {keys}; "
-        f"expected one of: messages | instruction+output | prompt+completion | text"
+        f"expected one of: {' | '.join(f.describe for f in FORMATS.values())}"
     )
-
-
-def _text(row: dict[str, Any], key: str, required: bool = True) -> str:
-    if key not in row or row[key] is None:
-        if required:
-            raise KeyError(key)
-        return ""
-    value = row[key]
-    if not isinstance(value, str):
-        raise TypeError(f"field '{key}' must be a string, got {type(value).__name__}")
-    return value
 
 
 def check_row(row: Any, fmt: str) -> dict[str, Any]:
     """Validate and normalize one row; raises KeyError / TypeError / ValueError naming the field."""
     if not isinstance(row, dict):
         raise TypeError(f"row must be an object, got {type(row).__name__}")
-    if fmt == "chat":
-        msgs = row.get("messages")
-        if msgs is None:
-            raise KeyError("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise ValueError("field 'messages' must be a non-empty list")
-        out = []
-        for j, m in enumerate(msgs):
-            if not isinstance(m, dict):
-                raise TypeError(f"field 'messages[{j}]' must be an object")
-            role, content = m.get("role"), m.get("content")
-            if role not in ROLES:
-                raise ValueError(f"field 'messages[{j}].role' must be one of {list(ROLES)}, got {role!r}")
-            if not isinstance(content, str) or not content.strip():
-                raise ValueError(f"field 'messages[{j}].content' must be a non-empty string")
-            out.append({"role": role, "content": content})
-        if not any(m["role"] == "assistant" for m in out):
-            raise ValueError("field 'messages' has no assistant turn to learn from")
-        return {"messages": out}
-    if fmt == "alpaca":
-        r = {
-            "instruction": _text(row, "instruction"),
-            "input": _text(row, "input", False),
-            "output": _text(row, "output"),
-        }
-        empty = "instruction" if not r["instruction"].strip() else "output" if not r["output"].strip() else None
-    elif fmt == "prompt_completion":
-        r = {"prompt": _text(row, "prompt"), "completion": _text(row, "completion")}
-        empty = "prompt" if not r["prompt"].strip() else "completion" if not r["completion"].strip() else None
-    else:
-        r = {"text": _text(row, "text")}
-        empty = "text" if not r["text"].strip() else None
-    if empty:
-        raise ValueError(f"field '{empty}' is empty")
-    return r
+    return FORMATS[fmt].check(row)
 
 
 def to_messages(row: dict[str, Any], fmt: str) -> list[dict[str, str]]:
     """A validated row of any format but text as chat turns."""
-    if fmt == "chat":
-        return row["messages"]
-    if fmt == "alpaca":
-        user = row["instruction"] + (f"\n\n{row['input']}" if row["input"].strip() else "")
-        return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
-    return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+    messages = FORMATS[fmt].to_messages(row)
+    if messages is None:
+        raise ValueError(f"{fmt} rows have no chat turns")
+    return messages
 
 
 def batch_rows(batch: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -324,21 +274,14 @@ def _row_error(row: Any, fmt: str) -> tuple[dict[str, Any] | None, str | None]:
         return None, str(e)
 
 
-_EMPTY = {
-    "chat": {"messages": [{"role": "user", "content": ""}]},
-    "alpaca": {"instruction": "", "input": "", "output": ""},
-    "prompt_completion": {"prompt": "", "completion": ""},
-    "text": {"text": ""},
-}
-
-
 def _check_batch(batch: dict[str, list[Any]], fmt: str) -> dict[str, list[Any]]:
     """Validation as a batched map: normalized columns, and the error per row (None when good)."""
-    out: dict[str, list[Any]] = {k: [] for k in _EMPTY[fmt]}
+    empty = FORMATS[fmt].empty
+    out: dict[str, list[Any]] = {k: [] for k in empty}
     out[ERROR] = []
     for row in batch_rows(batch):
         good, err = _row_error(row, fmt)
-        for k, v in (good or _EMPTY[fmt]).items():
+        for k, v in (good or empty).items():
             out[k].append(v)
         out[ERROR].append(err)
     return out
@@ -376,8 +319,11 @@ def load_rows(path: str | os.PathLike[str], fmt: str = "auto", skip_bad_rows: bo
     p = str(path)
     if fmt == "auto":
         fmt = detect_format(p, raw)
-    elif fmt not in FORMATS:
-        raise DataError(f"data.format: unknown format {fmt!r}; use auto, {', '.join(FORMATS)}")
+    else:
+        try:
+            get_format(fmt)
+        except ValueError as e:
+            raise DataError(str(e)) from None
     if isinstance(raw, list):  # a json file datasets could not make one table of: row by row
         rows: Any = []  # Rows makes a Dataset of it
         skipped = []

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -22,7 +21,7 @@ from ..adapter_dir import DATA_KEYS, read_adapter_dir
 from ..adapters import load_adapter, load_recorded_base
 from ..config import DataConfig
 from .data import load_rows
-from .losses import IGNORE
+from .losses import token_loss_sum
 from .tokenize import Collator, Encoder, head, take
 
 
@@ -45,16 +44,9 @@ def completion_loss(
     total, count = 0.0, 0
     for i in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch"):
         batch = {k: v.to(device) for k, v in collate(take(examples, i, i + batch_size)).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        ce = F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-            labels.reshape(-1),
-            ignore_index=IGNORE,
-            reduction="sum",
-        )
+        ce, n = token_loss_sum(model, batch)
         total += float(ce)
-        count += int((labels != IGNORE).sum())
+        count += int(n)
     loss = total / max(count, 1)
     return LossResult(loss, math.exp(min(loss, 50.0)), count, len(examples))
 

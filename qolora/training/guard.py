@@ -42,8 +42,10 @@ class DivergenceGuard:
       (the demo at lr 50 does; a random-init test model starts there and is exempt).
 
     Note:
-        While a step is above the bound the run is "suspect" and no checkpoint is written, so the
-        last checkpoint on disk is from before the blow-up began.
+        While a step's loss or the smoothed loss is above the bound the run is "suspect": no
+        checkpoint is written (it is written at the first step that is not), and the checkpoint
+        before a suspect step is set aside, since the loss of step N+1 is the first one computed
+        with the weights of checkpoint N. So the last checkpoint on disk is from before the blow-up.
     """
 
     factor: float = 3.0
@@ -58,11 +60,14 @@ class DivergenceGuard:
     first: float | None = None
     lowest: float = math.inf
     over: int = 0
+    last_above: bool = False
+    last_loss: float | None = None
     last_good_step: int = 0
 
     @property
     def suspect(self) -> bool:
-        return self.over > 0
+        """The last step's loss, or the smoothed loss, is above the bound."""
+        return self.over > 0 or self.last_above
 
     def bound(self) -> float:
         """What the smoothed loss may reach now (inf before anything bounds it)."""
@@ -82,12 +87,14 @@ class DivergenceGuard:
         if grad_norm is not None and not math.isfinite(grad_norm):
             raise DivergedError(f"training diverged at step {step}: the gradient norm is {grad_norm} (loss {loss:.4g})")
         self.first = loss if self.first is None else self.first
+        self.last_loss = loss
         self.ema = loss if self.ema is None else self.beta * self.ema + (1 - self.beta) * loss
         self.seen += 1
         self.slow = self.slow_beta * self.slow + (1 - self.slow_beta) * loss
         if self.seen >= self.min_steps:
             self.lowest = min(self.lowest, self.slow / (1 - self.slow_beta**self.seen))
         bound = self.bound()
+        self.last_above = loss > bound
         if self.ema > bound:
             self.over += 1
             if self.over >= self.patience:
@@ -117,7 +124,7 @@ class DivergenceGuard:
     def state(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.STATE}
 
-    STATE = ("ema", "slow", "seen", "first", "lowest", "over", "last_good_step")
+    STATE = ("ema", "slow", "seen", "first", "lowest", "over", "last_above", "last_good_step")
 
     def load_state(self, s: dict[str, Any]) -> None:
         for k in self.STATE:
@@ -125,15 +132,42 @@ class DivergenceGuard:
                 setattr(self, k, s[k])
 
 
-class GuardState(TrainerCallback, ExportableState):
-    """Carries the guard's state in each checkpoint's ``trainer_state.json``, so a resumed run's
-    guard is the uninterrupted run's."""
+class RunState(TrainerCallback, ExportableState):
+    """What a resume needs beyond the Trainer's own state, in each checkpoint's ``trainer_state.json``:
+    the guard's state, and the open logging window (the loss summed since the last logged step).
+
+    Note:
+        A checkpoint between two logging steps (SIGTERM's) would otherwise start a new window at
+        the resume, and the first loss logged after it would average fewer steps than the
+        uninterrupted run's. The window's sum is the mean over ranks, as the Trainer logs it.
+    """
 
     def __init__(self, guard: DivergenceGuard | None = None) -> None:
         self.guard = guard
+        self.window: dict[str, float] = {}  # set at each save: {"loss_sum", "since"}
+        self.pending: dict[str, float] = {}  # from the checkpoint resumed, applied at train begin
+        self.trainer: Any = None
 
     def state(self) -> dict[str, Any]:
-        return {"args": {}, "attributes": {"saved": self.guard.state() if self.guard else {}}}
+        return {"args": {}, "attributes": {"saved": self.guard.state() if self.guard else {}, "window": self.window}}
+
+    def load(self, saved: dict[str, Any]) -> None:
+        """Restore from a checkpoint's ``stateful_callbacks["RunState"]["attributes"]``."""
+        if self.guard is not None:
+            self.guard.load_state(saved.get("saved", {}))
+        self.pending = saved.get("window", {})
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        t = self.trainer
+        if t is not None and t.save_deferred and not (t.guard and t.guard.suspect):
+            control.should_save = True  # the checkpoint a suspect step held back
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        t = self.trainer
+        if self.pending and t is not None and self.pending.get("since", -1) <= state.global_step:
+            t._tr_loss += self.pending["loss_sum"]
+            t._globalstep_last_logged = int(self.pending["since"])
+        self.pending = {}
 
 
 @dataclass

@@ -68,7 +68,12 @@ def prepare_data(cfg: Config, tokenizer: Any) -> tuple[list, list, dict[str, Any
     train_ex, eval_ex = enc_train.encode_rows(rows), enc_eval.encode_rows(eval_rows)
     if d.packing:
         train_ex = pack_examples(train_ex, d.max_length)
-    stats = {"train": vars(enc_train.stats), "eval": vars(enc_eval.stats), "skipped_rows": len(rows.skipped)}
+    stats = {
+        "format": rows.format,
+        "train": vars(enc_train.stats),
+        "eval": vars(enc_eval.stats),
+        "skipped_rows": len(rows.skipped),
+    }
     return train_ex, eval_ex, stats
 
 
@@ -125,12 +130,15 @@ def check_world_size(out: Path, w: distributed.World) -> None:
         )
 
 
-def init_once(cfg: Config, base: nn.Module, out: Path, fresh: bool, w: distributed.World) -> tuple[nn.Module, list]:
+def init_once(
+    cfg: Config, base: nn.Module, out: Path, fresh: bool, w: distributed.World, data_format: str
+) -> tuple[nn.Module, list]:
     """The OLoRA init runs once, on rank 0, and is written to ``initial_adapter/``; every other rank
     (and a resume) rebuilds that exact base from it without a QR. Per-rank digests then prove that
     every rank holds the same base and factors (docs/design.md, "one init, every rank")."""
     initial = out / INITIAL_ADAPTER
-    data = {k: getattr(cfg.data, k) for k in DATA_KEYS}  # in qolora.json: eval and export read it there
+    # in qolora.json: eval, export and generate read it there (the format as detected, not "auto")
+    data = {**{k: getattr(cfg.data, k) for k in DATA_KEYS}, "format": data_format}
     if fresh and w.is_main:
         a = cfg.adapter
         model = get_qolora_model(base, lora_config(cfg), init_source=a.init_source, balance=a.olora_balance)
@@ -201,9 +209,9 @@ def run_trainer(trainer: Any, ckpt: Path | None, out: Path, stop: SignalStop | N
     """``trainer.train()``; a divergence or a signal is recorded in ``metrics.json`` and ends in one line."""
     if stop is not None:
         trainer.add_callback(stop)
-    if ckpt is not None and trainer.guard is not None:  # the guard continues as in the uninterrupted run
+    if ckpt is not None:  # the guard and the logging window continue as in the uninterrupted run
         saved = json.loads((ckpt / "trainer_state.json").read_text()).get("stateful_callbacks", {})
-        trainer.guard.load_state(saved.get("GuardState", {}).get("attributes", {}).get("saved", {}))
+        trainer.run_state.load(saved.get("RunState", {}).get("attributes", {}))
     try:
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     except DivergedError as e:
@@ -215,6 +223,8 @@ def run_trainer(trainer: Any, ckpt: Path | None, out: Path, stop: SignalStop | N
             "train.output_dir (a --resume would take the same steps), or set train.divergence_check=false"
         ) from None
     report = stop.report() if stop is not None else None
+    if report is None and trainer.unverified is not None and w.is_main and trainer.keep_checkpoints:
+        run_dir.rotate(out, trainer.keep_checkpoints)  # the run finished: its last checkpoint counts
     if report is not None:
         write_stop(trainer, report, w)
         saved = (
@@ -262,7 +272,8 @@ def _train(cfg: Config, resume: bool, mode: str, out: Path, stop: SignalStop | N
     base = load_base(cfg, w.device_map)
     prepare_for_training_(base, cfg.train.gradient_checkpointing)
     t0 = time.perf_counter()
-    model, digests = init_once(cfg, base, out, not (resume and (out / INITIAL_ADAPTER / META_FILE).is_file()), w)
+    fresh = not (resume and (out / INITIAL_ADAPTER / META_FILE).is_file())
+    model, digests = init_once(cfg, base, out, fresh, w, data_stats["format"])
     init_s = time.perf_counter() - t0  # on rank 0: its init and save, the others' rebuild, the digests
     if resume:
         logger.info("resuming from %s", ckpt if ckpt else "the start: no checkpoint was complete")

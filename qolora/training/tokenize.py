@@ -20,19 +20,10 @@ from typing import Any
 import torch
 
 from .data import DataError, Rows, batch_rows, to_messages
+from .formats import FORMATS, Messages, Segments
 from .losses import IGNORE
 
 logger = logging.getLogger(__name__)
-
-Segments = list[tuple[str, bool]]
-
-
-def alpaca_prompt(instruction: str, inp: str) -> str:
-    """The Alpaca prompt (Taori et al., 2023) without its preamble."""
-    text = f"### Instruction:\n{instruction}\n\n"
-    if inp.strip():
-        text += f"### Input:\n{inp}\n\n"
-    return text + "### Response:\n"
 
 
 def chat_segments(messages: list[dict[str, str]], tokenizer: Any) -> Segments:
@@ -60,16 +51,6 @@ def chat_segments(messages: list[dict[str, str]], tokenizer: Any) -> Segments:
         pos = len(upto)
     segs.append((full[pos:], False))
     return [s for s in segs if s[0]]
-
-
-def plain_segments(row: dict[str, Any], fmt: str) -> Segments:
-    if fmt == "text":
-        return [(row["text"], True)]
-    if fmt == "alpaca":
-        return [(alpaca_prompt(row["instruction"], row["input"]), False), (row["output"], True)]
-    if fmt == "prompt_completion":
-        return [(row["prompt"], False), (row["completion"], True)]
-    return [(f"{m['role']}: {m['content']}\n", m["role"] == "assistant") for m in row["messages"]]
 
 
 @dataclass
@@ -107,7 +88,23 @@ class Encoder:
         """Segments and whether they are a complete chat-template rendering."""
         if fmt != "text" and self.template == "chat":
             return chat_segments(to_messages(row, fmt), self.tokenizer), True
-        return plain_segments(row, fmt), False
+        return FORMATS[fmt].plain_segments(row), False
+
+    def prompt_ids(self, messages: Messages, fmt: str) -> list[int]:
+        """The ids training puts before the first trained token of a ``fmt`` row holding ``messages``
+        (the conversation so far) and an empty reply: what generation continues from. Training and
+        generate render through this one path (docs/design.md, "train and serve render alike").
+
+        A text row is trained from its first token, so its prompt is the whole text, continued.
+        """
+        tok = self.tokenizer
+        segs, templated = self.segments(FORMATS[fmt].prompt_row(messages), fmt)
+        if fmt != "text":
+            segs = segs[: next((i for i, (_, trained) in enumerate(segs) if trained), len(segs))]
+        ids = [tok.bos_token_id] if not templated and tok.bos_token_id is not None and _adds_bos(tok) else []
+        for text, _ in segs:
+            ids += tok(text, add_special_tokens=False)["input_ids"]
+        return ids
 
     def encode(self, row: dict[str, Any], fmt: str) -> dict[str, list[int]] | None:
         tok = self.tokenizer
@@ -205,7 +202,9 @@ class Encoder:
         return out.remove_columns(["_n_target", "_truncated"])
 
 
-ENCODE_VERSION = "qolora-encode-1"  # bump when encode() changes what it produces, to retire old caches
+# bump when encode() changes what it produces, to retire old caches; 2: a plain chat turn's
+# "assistant: " label is not trained
+ENCODE_VERSION = "qolora-encode-2"
 
 
 def _encode_batch(batch: dict[str, list[Any]], idx: list[int], encoder: Encoder, fmt: str, path: str) -> dict:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import inspect
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import EvalLoopOutput
@@ -20,8 +19,8 @@ from .._io import disk_full_as_one_line
 from ..config import Config, ConfigError
 from . import run_dir
 from .callbacks import MetricsCallback
-from .guard import DivergenceGuard, GuardState
-from .losses import IGNORE, chunked_ce_sum
+from .guard import DivergenceGuard, RunState
+from .losses import causal_lm, supports_chunked_ce, token_loss_sum
 from .lr import resolve_lr
 from .tokenize import Collator
 
@@ -62,51 +61,6 @@ def prepare_for_training_(model: nn.Module, gradient_checkpointing: bool) -> Non
         model.enable_input_require_grads()
 
 
-def causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers *ForCausalLM inside a PeftModel (or the model itself), through a DDP wrapper."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
-    inner = getattr(getattr(model, "base_model", None), "model", None)
-    return inner if inner is not None and hasattr(inner, "lm_head") else model
-
-
-def supports_chunked_ce(lm: nn.Module) -> bool:
-    """A plain bias-free lm_head on ``lm.model``'s last hidden state, no logit soft-capping, and a
-    forward that can skip the full logits (``logits_to_keep``)."""
-    head = getattr(lm, "lm_head", None)
-    cfg = getattr(lm, "config", None)
-    return (
-        isinstance(head, nn.Linear)
-        and head.bias is None
-        and hasattr(lm, "model")
-        and getattr(cfg, "final_logit_softcapping", None) is None
-        and getattr(cfg, "logit_scale", None) is None
-        and "logits_to_keep" in inspect.signature(lm.forward).parameters
-    )
-
-
-def final_hidden(model: nn.Module, lm: nn.Module, fwd: dict[str, Any]) -> torch.Tensor:
-    """``lm.model``'s last hidden state, from a forward through ``model`` itself.
-
-    Note:
-        The forward goes through ``model`` (a DDP wrapper) and not
-        ``lm.model`` directly: DDP all-reduces gradients only after a forward through it, and a
-        forward around it would leave every rank with its own gradients. ``logits_to_keep=1``
-        keeps lm_head to one position per row; the loss then runs chunked on the hidden state.
-    """
-    captured: dict[str, torch.Tensor] = {}
-
-    def keep(module: nn.Module, args: Any, output: Any) -> None:
-        captured["hidden"] = output[0]
-
-    handle = lm.model.register_forward_hook(keep)
-    try:
-        model(**fwd, logits_to_keep=1)
-    finally:
-        handle.remove()
-    return captured["hidden"]
-
-
 def grad_norm(model: nn.Module) -> float:
     """The 2-norm of every trainable parameter's gradient (all-reduced already under DDP)."""
     norms = [torch.linalg.vector_norm(p.grad.float()) for p in model.parameters() if p.grad is not None]
@@ -134,6 +88,11 @@ class QoloraTrainer(Trainer):
         self.ce_chunk, self.offload = ce_chunk, offload_activations
         self.guard, self.keep_checkpoints = guard, keep_checkpoints
         self._step_loss: torch.Tensor | None = None
+        self.unverified: Path | None = None  # the newest checkpoint, until the next step's loss is seen
+        self.save_deferred = False  # a save a suspect step held back
+        self.run_state = RunState(guard)
+        self.run_state.trainer = self
+        self.add_callback(self.run_state)
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001
         """One micro-batch; on the last of an optimizer step, the guard sees the step's loss (the
@@ -150,8 +109,28 @@ class QoloraTrainer(Trainer):
             self._step_loss = None
             # with fp16 loss scaling an inf gradient is an overflow the scaler skips, not a divergence
             norm = None if self.args.fp16 else grad_norm(model)
-            self.guard.observe(self.state.global_step + 1, step_loss / w.size, norm)
+            try:
+                self.guard.observe(self.state.global_step + 1, step_loss / w.size, norm)
+            finally:
+                self.verify_checkpoint()
         return loss
+
+    def verify_checkpoint(self) -> None:
+        """The newest checkpoint, written at the end of the last step, is judged by this step's loss
+        (the first computed with its weights): a suspect one is set aside as ``checkpoint-N.diverged``;
+        a good one counts, and the oldest beyond ``keep_checkpoints`` are deleted."""
+        from .. import distributed
+
+        ckpt, self.unverified = self.unverified, None
+        if ckpt is None or not distributed.world().is_main:
+            return
+        if self.guard is not None and (self.guard.suspect or self.guard.over):
+            aside = ckpt.with_name(ckpt.name + ".diverged")
+            shutil.rmtree(aside, ignore_errors=True)
+            ckpt.rename(aside)
+            logger.warning("%s: the step after it is above the divergence bound; moved to %s", ckpt, aside.name)
+        elif self.keep_checkpoints:
+            run_dir.rotate(ckpt.parent, self.keep_checkpoints)
 
     def checkpoint_bytes(self, out: Path) -> int:
         """About what a checkpoint needs on disk: the trainable weights, the optimizer state, 1 MiB of
@@ -173,15 +152,19 @@ class QoloraTrainer(Trainer):
         ckpt = out / f"checkpoint-{self.state.global_step}"
         if self.guard is not None and self.guard.suspect:
             logger.warning(
-                "not writing %s: the smoothed loss %.4g is above its bound %.4g (divergence guard); the last "
-                "checkpoint stays the latest",
+                "not writing %s yet: the loss %.4g (smoothed %.4g) is above its bound %.4g (divergence guard)",
                 ckpt.name,
+                self.guard.last_loss,
                 self.guard.ema,
                 self.guard.bound(),
             )
+            self.save_deferred = True
             return
+        self.save_deferred = False
         w = distributed.world()
         need = self.checkpoint_bytes(out)
+        (window,) = distributed.all_reduce_sum([float(self._tr_loss)], w, self._tr_loss.device)
+        self.run_state.window = {"loss_sum": window / w.size, "since": self._globalstep_last_logged}
         try:
             with disk_full_as_one_line(f"checkpoint {ckpt.name}", ckpt, need):
                 super()._save_checkpoint(model, trial)
@@ -190,34 +173,16 @@ class QoloraTrainer(Trainer):
                     run_dir.seal(ckpt)
         except BaseException:
             if w.is_main:
-                import shutil
-
                 shutil.rmtree(ckpt, ignore_errors=True)  # nothing that looks like a checkpoint is left
             raise
-        if w.is_main and self.keep_checkpoints:
+        if self.guard is not None:
+            self.unverified = ckpt  # judged by the next step's loss (verify_checkpoint)
+        elif w.is_main and self.keep_checkpoints:
             run_dir.rotate(out, self.keep_checkpoints)
 
     def loss_sum(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed next-token CE over the label tokens, and their count."""
-        lm = causal_lm(model)
-        labels = inputs["labels"][:, 1:]
-        # packs: position_ids and no mask, from which transformers builds the block-diagonal mask;
-        # it does so only without a KV cache, which a model with use_cache on would create here
-        fwd = {k: inputs.get(k) for k in ("input_ids", "attention_mask", "position_ids")} | {"use_cache": False}
-        if self.ce_chunk and supports_chunked_ce(lm):
-            hidden = final_hidden(model, lm, fwd)
-            total = chunked_ce_sum(
-                hidden[:, :-1].reshape(-1, hidden.shape[-1]), lm.lm_head.weight, labels.reshape(-1), self.ce_chunk
-            )
-        else:
-            logits = model(**fwd).logits
-            total = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                labels.reshape(-1),
-                ignore_index=IGNORE,
-                reduction="sum",
-            )
-        return total, (labels != IGNORE).sum()
+        """Summed next-token CE over the label tokens, and their count (``losses.token_loss_sum``)."""
+        return token_loss_sum(model, inputs, self.ce_chunk)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         offload = (
@@ -355,5 +320,5 @@ def build_trainer(
         train_dataset=train_examples,
         eval_dataset=eval_examples or None,
         data_collator=Collator(pad),
-        callbacks=[MetricsCallback(t.output_dir, extra_metrics), GuardState(guard)],
+        callbacks=[MetricsCallback(t.output_dir, extra_metrics)],
     )
