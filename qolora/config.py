@@ -147,8 +147,8 @@ class TrainConfig:
     kernel_check: bool = _f(True, "check a 4-bit layer against its fp32 twin on this device before step 1")
     divergence_check: bool = _f(
         True,
-        "stop at the first non-finite loss or gradient norm, or when the smoothed loss (EMA over ~10 steps) stays "
-        "for divergence_patience steps above divergence_factor x its lowest level (a ~50-step mean, from step 10) "
+        "stop at the first non-finite loss or gradient norm, or when the loss or its EMA over ~10 steps stays for "
+        "divergence_patience steps above divergence_factor x its lowest level (a ~50-step mean, from step 10) "
         "or above 90% of a uniform guess's loss ln(vocab); no checkpoint is written while it is above",
     )
     divergence_factor: float = _f(3.0, "divergence guard: how many times its lowest level the smoothed loss may be")

@@ -30,7 +30,7 @@ class DivergedError(ValueError):
 @dataclass
 class DivergenceGuard:
     """Stops a run at the first non-finite loss or gradient norm, or when the smoothed loss stays
-    above its bound for ``patience`` steps in a row.
+    above its bound, or each step's loss above its own (``step_bound``), for ``patience`` steps in a row.
 
     The smoothed loss is an exponential moving average over about 10 steps (``beta`` 0.9). Its bound
     is the lower of two:
@@ -72,9 +72,20 @@ class DivergenceGuard:
     def bound(self) -> float:
         """What the smoothed loss may reach now (inf before anything bounds it)."""
         b = self.factor * self.lowest
-        if self.uniform_loss is not None and self.first is not None and self.first < 0.75 * self.uniform_loss:
+        if self._uniform_applies():
             b = min(b, 0.9 * self.uniform_loss)
         return b
+
+    def step_bound(self) -> float:
+        """What one step's own loss may reach: twice the smoothed bound (one bad batch is noise),
+        but no more than 90% of a uniform guess's loss (no batch of a working model is that bad)."""
+        b = 2 * self.factor * self.lowest
+        if self._uniform_applies():
+            b = min(b, 0.9 * self.uniform_loss)
+        return b
+
+    def _uniform_applies(self) -> bool:
+        return self.uniform_loss is not None and self.first is not None and self.first < 0.75 * self.uniform_loss
 
     def observe(self, step: int, loss: float, grad_norm: float | None) -> None:
         """Take step ``step``'s loss (and gradient norm, None if not checked).
@@ -94,13 +105,13 @@ class DivergenceGuard:
         if self.seen >= self.min_steps:
             self.lowest = min(self.lowest, self.slow / (1 - self.slow_beta**self.seen))
         bound = self.bound()
-        self.last_above = loss > bound
-        if self.ema > bound:
+        self.last_above = loss > self.step_bound()
+        if self.ema > bound or self.last_above:
             self.over += 1
             if self.over >= self.patience:
                 raise DivergedError(
-                    f"training diverged at step {step}: the smoothed loss {self.ema:.4g} has been above "
-                    f"{self._why(bound)} for {self.over} steps (loss {loss:.4g})"
+                    f"training diverged at step {step}: the loss (smoothed or not) has been above "
+                    f"{self._why(bound)} for {self.over} steps (loss {loss:.4g}, smoothed {self.ema:.4g})"
                 )
         else:
             self.over = 0

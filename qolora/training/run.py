@@ -217,7 +217,9 @@ def run_trainer(trainer: Any, ckpt: Path | None, out: Path, stop: SignalStop | N
     except DivergedError as e:
         last = run_dir.latest_complete_checkpoint(out, set_aside=False)
         write_stop(trainer, {"reason": "diverged", "message": str(e), "last_checkpoint": last and last.name}, w)
-        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+        aside = sorted(d.name for d in out.glob("checkpoint-*.diverged"))
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint from before the blow-up is left"
+        where += f" ({', '.join(aside)} set aside: written after it began)" if aside else ""
         raise DivergedError(
             f"{e}; {where}, and no adapter/ was written; lower train.lr and train again in a new "
             "train.output_dir (a --resume would take the same steps), or set train.divergence_check=false"
