@@ -165,16 +165,16 @@ class QoloraTrainer(Trainer):
         need = self.checkpoint_bytes(out)
         (window,) = distributed.all_reduce_sum([float(self._tr_loss)], w, self._tr_loss.device)
         self.run_state.window = {"loss_sum": window / w.size, "since": self._globalstep_last_logged}
-        try:
-            with disk_full_as_one_line(f"checkpoint {ckpt.name}", ckpt, need):
+        with disk_full_as_one_line(f"checkpoint {ckpt.name}", ckpt, need):
+            try:
                 super()._save_checkpoint(model, trial)
                 distributed.barrier(w)  # every rank's files (its RNG state) are in before the seal
                 if w.is_main:
                     run_dir.seal(ckpt)
-        except BaseException:
-            if w.is_main:
-                shutil.rmtree(ckpt, ignore_errors=True)  # nothing that looks like a checkpoint is left
-            raise
+            except BaseException:
+                if w.is_main:  # nothing that looks like a checkpoint is left, and the free space is measured without it
+                    shutil.rmtree(ckpt, ignore_errors=True)
+                raise
         if self.guard is not None:
             self.unverified = ckpt  # judged by the next step's loss (verify_checkpoint)
         elif w.is_main and self.keep_checkpoints:
