@@ -146,7 +146,9 @@ class AdapterMeta:
 
 def _v1_data(adapter_dir: Path) -> dict[str, Any] | None:
     """Format 1 did not record the data settings: take them from the run's config.yaml beside it."""
-    cfg = adapter_dir.parent / "config.yaml"
+    from .training.run_dir import CONFIG_FILE
+
+    cfg = adapter_dir.parent / CONFIG_FILE
     if not cfg.is_file():
         return None
     import yaml

@@ -179,7 +179,7 @@ def get_qolora_model(
     check_ranks(model, lora_config)
     cfg = copy.deepcopy(lora_config)
     cfg.init_lora_weights = False if kind == "olora" else True
-    peft_model = get_peft_model(model, cfg, adapter_name=adapter_name)
+    peft_model = _wrap(get_peft_model, model, cfg, adapter_name)
     peft_model.peft_config[adapter_name].init_lora_weights = lora_config.init_lora_weights
     if kind == "olora":
         result = init_olora_(peft_model, adapter_name, init_source, checkpoint, progress, balance)
@@ -193,6 +193,16 @@ def get_qolora_model(
     peft_model.qolora_states = {adapter_name: state}
     _guard_add_adapter(peft_model)
     return peft_model
+
+
+def _wrap(get_peft_model: Any, model: nn.Module, cfg: Any, adapter_name: str) -> Any:
+    """``get_peft_model``, without the FutureWarning PEFT 0.21 itself causes by reading transformers'
+    renamed ``is_gradient_checkpointing`` (ours to hide, not the user's to fix)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, cfg, adapter_name=adapter_name)
 
 
 def _guard_add_adapter(peft_model: Any) -> None:
@@ -367,7 +377,7 @@ def load_adapter(
     cfg.init_lora_weights = False if meta.init == "olora" else True
     cfg.inference_mode = not is_trainable
     name = meta.adapter_name
-    peft_model = get_peft_model(base_model, cfg, adapter_name=name)
+    peft_model = _wrap(get_peft_model, base_model, cfg, name)
     if meta.init == "olora":
         try:
             restore_olora_(

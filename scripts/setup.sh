@@ -15,3 +15,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q -e ".[dev]"
   echo "$want" > "$stamp"
 fi
+# llama.cpp's GGUF converter, pinned (qolora/export/gguf.py): fetched here, with the other
+# downloads, once into ~/.cache/qolora, so that the test suite itself downloads nothing.
+.venv/bin/python -c "from qolora.export.gguf import llama_cpp_dir; llama_cpp_dir()" \
+  || echo "setup: could not fetch llama.cpp's converter; the GGUF tests will skip" >&2

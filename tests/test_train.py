@@ -169,3 +169,14 @@ def test_resume_after_kill_9_matches_uninterrupted(chat_model_dir, tmp_path, mon
     got = json.loads((kill_dir / "run" / "metrics.json").read_text())["history"]
     assert [h["step"] for h in got] == list(range(1, 8))
     assert [h["loss"] for h in got] == [h["loss"] for h in want]
+
+
+def test_training_prints_no_deprecation_warnings(chat_model_dir, tmp_path) -> None:
+    """The demo's FutureWarnings (``gradient_checkpointing`` renamed in transformers 5) are gone."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(_cfg(chat_model_dir, tmp_path, max_steps=2))
+    deprecated = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not [m for m in deprecated if "deprecated" in m.lower()], deprecated

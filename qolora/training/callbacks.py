@@ -12,6 +12,7 @@ import torch
 from transformers import TrainerCallback
 
 from .._io import peak_rss_bytes, save_figure_atomic, write_json_atomic
+from .run_dir import METRICS_FILE, PLOT_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +80,11 @@ class MetricsCallback(TrainerCallback):
             }
         )
         self.out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.out / "metrics.json", m)
+        write_json_atomic(self.out / METRICS_FILE, m)
         try:
-            plot_loss(m, self.out / "loss.png")
+            plot_loss(m, self.out / PLOT_FILE)
         except Exception as e:  # a plot must never end a training run
-            logger.warning("could not write %s: %s", self.out / "loss.png", e)
+            logger.warning("could not write %s: %s", self.out / PLOT_FILE, e)
         return m
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:

@@ -19,7 +19,8 @@ from .._io import save_figure_atomic, write_json_atomic
 from ..choices import INITS
 from ..config import Config, dump_config
 from . import run_dir as rundir
-from .run import is_finished, train
+from .run import train
+from .run_dir import CONFIG_FILE, METRICS_FILE, is_finished
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def train_once(cfg: Config, name: str) -> dict[str, Any]:
     An interrupted run continues from its latest checkpoint.
     """
     run_dir = Path(cfg.train.output_dir)
-    metrics = run_dir / "metrics.json"
+    metrics = run_dir / METRICS_FILE
     if is_finished(run_dir):
         logger.info("%s is finished; reusing it", name)
     else:
@@ -121,8 +122,8 @@ def compare(
             c.train.output_dir = str(out / name)
             runs[name] = train_once(c, name)
     summary = summarize(runs, target_loss)
-    summary["config"] = str(out / "config.yaml")
-    dump_config(cfg, out / "config.yaml")
+    summary["config"] = str(out / CONFIG_FILE)
+    dump_config(cfg, out / CONFIG_FILE)
     write_json_atomic(out / "compare.json", summary)
     plot(runs, out / "compare.png")
     return summary

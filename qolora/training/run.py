@@ -25,24 +25,17 @@ from .. import distributed, quant
 from .._io import RunStopped
 from ..adapter_dir import DATA_KEYS, META_FILE
 from ..adapters import check_ranks, get_qolora_model, load_adapter, save_adapter
-from ..config import Config, ConfigError, changed_on_resume, dump_config, flat_dict
+from ..config import Config, ConfigError, dump_config, flat_dict
 from ..quant import check_kernel, meta_model, resolve_model
 from . import run_dir
 from .callbacks import MetricsCallback
 from .data import load_rows, load_sources
 from .guard import DivergedError, SignalStop
+from .run_dir import CONFIG_FILE, FINAL_ADAPTER, INITIAL_ADAPTER, check_resume, is_finished  # noqa: F401 (re-exported)
 from .tokenize import Encoder, head, pack_examples, split_rows
 from .trainer import build_trainer, check_report_to, prepare_for_training_
 
 logger = logging.getLogger(__name__)
-
-INITIAL_ADAPTER = "initial_adapter"
-FINAL_ADAPTER = "adapter"
-
-
-def is_finished(run_dir: Path) -> bool:
-    """The run wrote its final adapter (its qolora.json is written last, atomically)."""
-    return (run_dir / FINAL_ADAPTER / META_FILE).is_file()
 
 
 def load_tokenizer(model: str) -> Any:
@@ -96,38 +89,6 @@ def lora_config(cfg: Config) -> Any:
         init_lora_weights="olora" if a.init == "olora" else True,
         task_type="CAUSAL_LM",
     )
-
-
-def check_resume(cfg: Config, out: Path) -> None:
-    """Refuse a --resume whose model, quant or adapter settings differ from the run's own."""
-    import yaml
-
-    saved_path = out / "config.yaml"
-    if not saved_path.is_file():
-        return
-    try:
-        saved = yaml.safe_load(saved_path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{saved_path}: not valid YAML ({e})") from e
-    changed = changed_on_resume(saved, cfg)
-    if changed:
-        raise ConfigError(
-            f"--resume: {', '.join(changed)} changed since the run in {out} started; restore them, "
-            "or start a new run in another train.output_dir"
-        )
-
-
-def check_world_size(out: Path, w: distributed.World) -> None:
-    """A --resume runs at the world size its checkpoints were written at (their data order and RNG)."""
-    try:
-        before = json.loads((out / "metrics.json").read_text()).get("world_size", 1)
-    except (OSError, ValueError):
-        return
-    if before != w.size:
-        raise ConfigError(
-            f"--resume: the run in {out} ran on {before} process(es), this launch has {w.size}; relaunch with "
-            f"{before} (torchrun --nproc_per_node / accelerate launch --num_processes), or start a new train.output_dir"
-        )
 
 
 def init_once(
@@ -217,7 +178,7 @@ def run_trainer(trainer: Any, ckpt: Path | None, out: Path, stop: SignalStop | N
     except DivergedError as e:
         last = run_dir.latest_complete_checkpoint(out, set_aside=False)
         write_stop(trainer, {"reason": "diverged", "message": str(e), "last_checkpoint": last and last.name}, w)
-        aside = sorted(d.name for d in out.glob("checkpoint-*.diverged"))
+        aside = run_dir.set_aside_as(out, "diverged")
         where = f"the last good checkpoint is {last}" if last else "no checkpoint from before the blow-up is left"
         where += f" ({', '.join(aside)} set aside: written after it began)" if aside else ""
         raise DivergedError(
@@ -261,7 +222,7 @@ def _train(cfg: Config, resume: bool, mode: str, out: Path, stop: SignalStop | N
     ckpt = resume_point(out, resume, w)
     if resume:
         check_resume(cfg, out)
-        check_world_size(out, w)
+        run_dir.check_world_size(out, w.size)
     check_report_to(cfg.train.report_to)
     resolve_model(cfg.model)
     check_ranks(meta_model(cfg.model), lora_config(cfg))  # before any weight is loaded or factor allocated
@@ -270,7 +231,7 @@ def _train(cfg: Config, resume: bool, mode: str, out: Path, stop: SignalStop | N
         train_ex, eval_ex, data_stats = prepare_data(cfg, tokenizer)
     distributed.barrier(w)  # every rank has checked the run dir before rank 0 writes into it
     if w.is_main:
-        dump_config(cfg, out / "config.yaml")
+        dump_config(cfg, out / CONFIG_FILE)
     base = load_base(cfg, w.device_map)
     prepare_for_training_(base, cfg.train.gradient_checkpointing)
     t0 = time.perf_counter()

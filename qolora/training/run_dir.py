@@ -1,5 +1,6 @@
-"""The training output dir's faults: one run at a time (a lock), checkpoints that are complete only
-once sealed, and a resume that skips a checkpoint that is not.
+"""The training output dir (the run folder): its file names, one run at a time (a lock), checkpoints
+that are complete only once sealed, which checkpoint a resume takes, and whether a resume matches
+the run (docs/design.md, "Files on disk"). Nothing else types these names.
 
 A checkpoint is written by transformers' Trainer file by file. QOLoRA then writes
 ``qolora-seal.json`` into it: every file's size and sha256. A checkpoint without a seal (a crash
@@ -21,14 +22,72 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .._io import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
+CONFIG_FILE = "config.yaml"  # the resolved config
+METRICS_FILE = "metrics.json"
+PLOT_FILE = "loss.png"
+INITIAL_ADAPTER = "initial_adapter"  # the OLoRA init, written once (rank 0), rebuilt by the others and a resume
+FINAL_ADAPTER = "adapter"  # only a finished run writes it
 LOCK_FILE = ".qolora-run.lock"
 SEAL_FILE = "qolora-seal.json"
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return out / f"checkpoint-{step}"
+
+
+def is_finished(out: Path) -> bool:
+    """The run wrote its final adapter (its qolora.json is written last, atomically)."""
+    from ..adapter_dir import META_FILE
+
+    return (out / FINAL_ADAPTER / META_FILE).is_file()
+
+
+def read_metrics(out: Path) -> dict:
+    """The run's ``metrics.json`` ({} if there is none yet or it cannot be read)."""
+    try:
+        return json.loads((out / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def check_resume(cfg: Any, out: Path) -> None:
+    """Refuse a --resume whose model, quant or adapter settings differ from the run's own."""
+    import yaml
+
+    from ..config import ConfigError, changed_on_resume
+
+    saved_path = out / CONFIG_FILE
+    if not saved_path.is_file():
+        return
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{saved_path}: not valid YAML ({e})") from e
+    changed = changed_on_resume(saved, cfg)
+    if changed:
+        raise ConfigError(
+            f"--resume: {', '.join(changed)} changed since the run in {out} started; restore them, "
+            "or start a new run in another train.output_dir"
+        )
+
+
+def check_world_size(out: Path, size: int) -> None:
+    """A --resume runs at the world size its checkpoints were written at (their data order and RNG)."""
+    from ..config import ConfigError
+
+    before = read_metrics(out).get("world_size", 1)
+    if before != size:
+        raise ConfigError(
+            f"--resume: the run in {out} ran on {before} process(es), this launch has {size}; relaunch with "
+            f"{before} (torchrun --nproc_per_node / accelerate launch --num_processes), or start a new train.output_dir"
+        )
 
 
 class RunLockedError(OSError):
@@ -148,14 +207,30 @@ def latest_complete_checkpoint(out: Path, set_aside: bool = True) -> Path | None
         problem = seal_problem(d)
         if problem is None:
             return d
-        aside = d.with_name(d.name + ".incomplete")
-        k = 1
-        while aside.exists():
-            aside, k = d.with_name(f"{d.name}.incomplete{k}"), k + 1
+        aside = _free_name(d, "incomplete")
         logger.warning("skipping %s: %s; %s", d, problem, f"moved to {aside.name}" if set_aside else "not complete")
         if set_aside:
             d.rename(aside)
     return None
+
+
+def _free_name(d: Path, why: str) -> Path:
+    aside, k = d.with_name(f"{d.name}.{why}"), 1
+    while aside.exists():
+        aside, k = d.with_name(f"{d.name}.{why}{k}"), k + 1
+    return aside
+
+
+def set_aside(ckpt: Path, why: str) -> Path:
+    """Rename ``ckpt`` to ``checkpoint-N.<why>`` (kept for a look, never resumed from); the new path."""
+    aside = _free_name(ckpt, why)
+    ckpt.rename(aside)
+    return aside
+
+
+def set_aside_as(out: Path, why: str) -> list[str]:
+    """The names of the checkpoints set aside as ``why``."""
+    return sorted(d.name for d in out.glob(f"checkpoint-*.{why}*"))
 
 
 def rotate(out: Path, keep: int) -> None:

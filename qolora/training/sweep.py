@@ -20,7 +20,7 @@ from .._io import save_figure_atomic, write_json_atomic
 from ..choices import INITS
 from ..config import Config, ConfigError, dump_config
 from .compare import train_once
-from .run import is_finished
+from .run_dir import CONFIG_FILE, is_finished
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def sweep(
             )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
+    dump_config(cfg, out / CONFIG_FILE)
     grid = [(init, r, lr, s) for r in ranks for init in inits for lr in per.get(f"{init}-r{r}", []) for s in seeds]
     runs: dict[str, dict[str, Any]] = {}
     took: list[float] = []
@@ -199,7 +199,7 @@ def sweep(
         }
     summary = summarize(runs)
     summary["runs"] = runs
-    summary["config"] = str(out / "config.yaml")
+    summary["config"] = str(out / CONFIG_FILE)
     summary["grid"] = {"lrs": per, "inits": inits, "ranks": ranks, "seeds": seeds, "steps": steps}
     write_json_atomic(out / "sweep.json", summary)
     plot(summary, out / "sweep.png")

@@ -57,7 +57,10 @@ def prepare_for_training_(model: nn.Module, gradient_checkpointing: bool) -> Non
         p.requires_grad_(False)
     model.config.use_cache = False
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name; the old one warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
 
 
@@ -125,9 +128,7 @@ class QoloraTrainer(Trainer):
         if ckpt is None or not distributed.world().is_main:
             return
         if self.guard is not None and (self.guard.suspect or self.guard.over):
-            aside = ckpt.with_name(ckpt.name + ".diverged")
-            shutil.rmtree(aside, ignore_errors=True)
-            ckpt.rename(aside)
+            aside = run_dir.set_aside(ckpt, "diverged")
             logger.warning("%s: the step after it is above the divergence bound; moved to %s", ckpt, aside.name)
         elif self.keep_checkpoints:
             run_dir.rotate(ckpt.parent, self.keep_checkpoints)
@@ -149,7 +150,7 @@ class QoloraTrainer(Trainer):
         from .. import distributed
 
         out = Path(self.args.output_dir)
-        ckpt = out / f"checkpoint-{self.state.global_step}"
+        ckpt = run_dir.checkpoint_dir(out, self.state.global_step)
         if self.guard is not None and self.guard.suspect:
             logger.warning(
                 "not writing %s yet: the loss %.4g (smoothed %.4g) is above its bound %.4g (divergence guard)",
@@ -163,7 +164,7 @@ class QoloraTrainer(Trainer):
         self.save_deferred = False
         w = distributed.world()
         need = self.checkpoint_bytes(out)
-        (window,) = distributed.all_reduce_sum([float(self._tr_loss)], w, self._tr_loss.device)
+        (window,) = distributed.all_reduce_sum([float(self._tr_loss)], w, self.args.device)
         self.run_state.window = {"loss_sum": window / w.size, "since": self._globalstep_last_logged}
         with disk_full_as_one_line(f"checkpoint {ckpt.name}", ckpt, need):
             try:
@@ -246,6 +247,18 @@ class QoloraTrainer(Trainer):
         return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=int(n))
 
 
+def checkpointing_args(on: bool) -> dict[str, Any]:
+    """Non-reentrant activation checkpointing, under the name this transformers has (5.x renamed
+    ``gradient_checkpointing`` to ``activation_checkpointing``; the old name warns)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {key: on, f"{key}_kwargs": {"use_reentrant": False}}
+
+
 def build_trainer(
     model: nn.Module,
     tokenizer: Any,
@@ -276,8 +289,7 @@ def build_trainer(
         lr_scheduler_type="cosine",
         warmup_steps=t.warmup_ratio,
         optim=resolve_optimizer(t.optimizer, on_cuda),
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **checkpointing_args(t.gradient_checkpointing),
         seed=t.seed,
         data_seed=t.seed,
         save_strategy="steps",
