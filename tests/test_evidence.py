@@ -54,7 +54,7 @@ def test_compare_runs_each_init_and_reuses_finished_runs(chat_model_dir, tmp_pat
     def fail(*a, **k):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr("qolora.training.compare.train", fail)
+    monkeypatch.setattr("qolora.training.run.train", fail)
     assert compare(cfg, ["olora", "lora"], [2, 4], tmp_path / "cmp")["runs"].keys() == summary["runs"].keys()
 
 

@@ -142,11 +142,24 @@ def test_sweep_trains_the_grid_then_reuses_it(chat_model_dir, tmp_path, monkeypa
     assert (out / "sweep.png").stat().st_size > 0
     assert json.loads((out / "sweep.json").read_text())["best"] == s["best"]
 
-    import qolora.training.compare as compare
+    import qolora.training.run as run
 
-    monkeypatch.setattr(compare, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    monkeypatch.setattr(run, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
     again = sweep(cfg, [1e-3, 1e-2], ["olora", "lora"], [4], [0], steps=2, out_dir=out)
     assert again["best"] == s["best"]
+
+
+def test_a_run_the_guard_stops_is_a_diverged_cell_not_a_failed_sweep(chat_model_dir, tmp_path, monkeypatch) -> None:
+    cfg = _cfg(chat_model_dir, tmp_path, eval_steps=2, save_steps=2, warmup_ratio=0.0)
+    out = tmp_path / "sweep"
+    s = sweep(cfg, [1e-3, 1e30], ["olora"], [4], [0], steps=3, out_dir=out)  # lr 1e30: a nan loss at step 2
+    assert s["runs"]["olora-r4-lr1e+30-s0"]["final_eval_loss"] is None
+    assert s["by_lr"]["olora-r4"][1]["diverged"] == 1 and s["best"]["olora-r4"]["lr"] == 1e-3
+    assert json.loads((out / "olora-r4-lr1e+30-s0" / "metrics.json").read_text())["stopped"]["reason"] == "diverged"
+    import qolora.training.run as run
+
+    monkeypatch.setattr(run, "train", lambda *a, **k: pytest.fail("a diverged run was trained again"))
+    assert sweep(cfg, [1e-3, 1e30], ["olora"], [4], [0], steps=3, out_dir=out)["best"] == s["best"]
 
 
 def test_sweep_cli_errors_are_one_line(chat_model_dir, tmp_path, capsys) -> None:

@@ -1,26 +1,21 @@
 """``qolora compare``: the same training for each init (and rank), same data order and seed.
 
 Checks OLoRA's claim (arXiv 2406.01775) that it converges faster than LoRA at the same rank,
-on the user's own data. Finished runs are kept and reused, so an interrupted comparison
-continues where it stopped.
+on the user's own data. The runs go through the grid runner (``grid.py``): finished runs are
+reused, so an interrupted comparison continues where it stopped.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
-from .._io import save_figure_atomic, write_json_atomic
-from ..choices import INITS
+from .._io import write_json_atomic
 from ..config import Config, dump_config
-from . import run_dir as rundir
-from .run import train
-from .run_dir import CONFIG_FILE, METRICS_FILE, is_finished
+from .grid import check_inits, run_grid, save_panels, two_panels, variant
+from .run_dir import CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +30,7 @@ def ema(values: list[float], beta: float = 0.8) -> list[float]:
 
 def summarize(runs: dict[str, dict[str, Any]], target_loss: float | None = None) -> dict[str, Any]:
     """Per run: loss at fixed steps, steps to a target (EMA-smoothed) train loss, final eval loss, time."""
+    runs = {k: m for k, m in runs.items() if m.get("history")}  # a run that diverged at step 1 has none
     smooth = {k: ema([h["loss"] for h in m["history"]]) for k, m in runs.items()}
     if target_loss is None:  # the worst run's final smoothed loss: every run reaches it
         target_loss = max(s[-1] for s in smooth.values())
@@ -58,12 +54,7 @@ def summarize(runs: dict[str, dict[str, Any]], target_loss: float | None = None)
 
 
 def plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, a, b = two_panels()
     for k, m in runs.items():
         steps = [h["step"] for h in m["history"]]
         line = a.plot(steps, ema([h["loss"] for h in m["history"]]), label=k)[0]
@@ -72,29 +63,7 @@ def plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
         b.plot([e["step"] for e in ev], [e["eval_loss"] for e in ev], "o-", color=line.get_color(), label=k)
     a.set(title="train loss (EMA 0.8; raw faint)", xlabel="step", ylabel="loss")
     b.set(title="eval loss", xlabel="step", ylabel="loss")
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    save_figure_atomic(fig, path)
-
-
-def train_once(cfg: Config, name: str) -> dict[str, Any]:
-    """Train ``cfg`` into its output_dir unless it finished before; its metrics.json.
-
-    An interrupted run continues from its latest checkpoint.
-    """
-    run_dir = Path(cfg.train.output_dir)
-    metrics = run_dir / METRICS_FILE
-    if is_finished(run_dir):
-        logger.info("%s is finished; reusing it", name)
-    else:
-        logger.info("training %s", name)
-        t0 = time.perf_counter()
-        train(cfg, resume=bool(rundir.checkpoints(run_dir)))
-        m = json.loads(metrics.read_text())
-        m["compare_wall_time_s"] = round(time.perf_counter() - t0, 1)
-        write_json_atomic(metrics, m)
-    return json.loads(metrics.read_text())
+    save_panels(fig, (a, b), path)
 
 
 def compare(
@@ -108,19 +77,11 @@ def compare(
 
     The alpha/r ratio of ``cfg`` is kept at every rank, so the LoRA scale is the same.
     """
-    for init in inits:
-        if init not in INITS:
-            raise ValueError(f"--inits: expected olora and/or lora, got {init!r}")
+    check_inits(inits)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, dict[str, Any]] = {}
-    for r in ranks or [cfg.adapter.r]:
-        for init in inits:
-            name = f"{init}-r{r}"
-            c = copy.deepcopy(cfg)
-            c.adapter.init, c.adapter.r, c.adapter.alpha = init, r, cfg.adapter.alpha * r / cfg.adapter.r
-            c.train.output_dir = str(out / name)
-            runs[name] = train_once(c, name)
+    cells = [(f"{i}-r{r}", variant(cfg, i, r, out / f"{i}-r{r}")) for r in ranks or [cfg.adapter.r] for i in inits]
+    runs = run_grid(cells, "compare")
     summary = summarize(runs, target_loss)
     summary["config"] = str(out / CONFIG_FILE)
     dump_config(cfg, out / CONFIG_FILE)

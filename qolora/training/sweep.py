@@ -1,26 +1,24 @@
 """``qolora sweep``: the same short training per (init, rank, lr, seed); the best lr per init and rank.
 
 Every run of one seed sees the same data order. Losses are the held-out set's token-weighted
-cross-entropy (QoloraTrainer's eval loss, as ``qolora eval``). Finished runs are reused and an
-interrupted one resumes from its checkpoint, so a stopped sweep continues where it stopped.
+cross-entropy (QoloraTrainer's eval loss, as ``qolora eval``). The runs go through the grid runner
+(``grid.py``): finished ones are reused, an interrupted one resumes, and one the divergence guard
+stops counts as diverged.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
-from .._io import save_figure_atomic, write_json_atomic
-from ..choices import INITS
+from .._io import write_json_atomic
 from ..config import Config, ConfigError, dump_config
-from .compare import train_once
-from .run_dir import CONFIG_FILE, is_finished
+from .grid import check_inits, diverged, run_grid, save_panels, two_panels, variant
+from .run_dir import CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -97,12 +95,7 @@ def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, a, b = two_panels()
     for key, rows in summary["by_lr"].items():
         ok = [row for row in rows if row["mean"] is not None]
         x = [row["lr"] for row in ok]
@@ -124,10 +117,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     a.set_xscale("log")
     a.set(title="final held-out loss (token-weighted; band: min-max over seeds)", xlabel="learning rate", ylabel="loss")
     b.set(title="held-out loss at each init's best lr", xlabel="step", ylabel="loss")
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    save_figure_atomic(fig, path)
+    save_panels(fig, (a, b), path)
 
 
 def sweep(
@@ -149,9 +139,7 @@ def sweep(
     ranks = ranks or [cfg.adapter.r]
     seeds = seeds if seeds is not None else [cfg.train.seed]
     steps = steps or cfg.train.max_steps
-    for init in inits:
-        if init not in INITS:
-            raise ConfigError(f"--inits: expected olora and/or lora, got {init!r}")
+    check_inits(inits)
     per = lrs if isinstance(lrs, dict) else {f"{i}-r{r}": lrs for i in inits for r in ranks}
     checks = (
         ("--lrs", [v for vs in per.values() for v in vs], lambda v: v > 0),
@@ -169,30 +157,34 @@ def sweep(
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / CONFIG_FILE)
     grid = [(init, r, lr, s) for r in ranks for init in inits for lr in per.get(f"{init}-r{r}", []) for s in seeds]
+    every = eval_every(steps, cfg.train.eval_steps)
+    cells = [
+        (
+            run_name(*g),
+            variant(
+                cfg,
+                g[0],
+                g[1],
+                out / run_name(*g),
+                lr=g[2],
+                seed=g[3],
+                max_steps=steps,
+                eval_steps=every,
+                logging_steps=1,
+            ),
+        )
+        for g in grid
+    ]
+    metrics = run_grid(cells, "sweep")
     runs: dict[str, dict[str, Any]] = {}
-    took: list[float] = []
-    for i, (init, r, lr, seed) in enumerate(grid, 1):
-        name = run_name(init, r, lr, seed)
-        c = copy.deepcopy(cfg)
-        c.adapter.init, c.adapter.r, c.adapter.alpha = init, r, cfg.adapter.alpha * r / cfg.adapter.r
-        t = c.train
-        t.lr, t.seed, t.max_steps, t.output_dir = lr, seed, steps, str(out / name)
-        t.eval_steps, t.logging_steps = eval_every(steps, t.eval_steps), 1
-        finished = is_finished(out / name)
-        if not finished:
-            left = sum(1 for g in grid[i - 1 :] if not is_finished(out / run_name(*g)))
-            eta = f"; about {statistics.fmean(took) * left / 60:.0f} min left" if took else ""
-            logger.info("sweep: run %d of %d: %s (%d to train%s)", i, len(grid), name, left, eta)
-        t0 = time.perf_counter()
-        m = train_once(c, name)
-        if not finished:
-            took.append(time.perf_counter() - t0)
-        runs[name] = {
+    for init, r, lr, seed in grid:
+        m = metrics[run_name(init, r, lr, seed)]
+        runs[run_name(init, r, lr, seed)] = {
             "init": init,
             "r": r,
             "lr": lr,
             "seed": seed,
-            "final_eval_loss": _final(m),
+            "final_eval_loss": None if diverged(m) else _final(m),
             "eval": m.get("eval", []),
             "history": m.get("history", []),
             "wall_time_s": m.get("compare_wall_time_s", m.get("wall_time_s")),

@@ -1,0 +1,103 @@
+"""One grid runner for ``qolora compare`` and ``qolora sweep``: the same training per cell of a grid
+(init, rank, and for a sweep lr and seed), each in its own run folder under one output dir.
+
+Finished runs are reused and an interrupted one resumes from its checkpoint, so a stopped grid
+continues where it stopped. A run the divergence guard stops is recorded as diverged (its
+``metrics.json`` says so) and reused as such: it is a result of the grid, not an error of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from .._io import save_figure_atomic, write_json_atomic
+from ..choices import INITS
+from ..config import Config, ConfigError
+from . import run_dir
+from .guard import DivergedError
+
+logger = logging.getLogger(__name__)
+
+
+def check_inits(inits: list[str]) -> None:
+    for init in inits:
+        if init not in INITS:
+            raise ConfigError(f"--inits: expected olora and/or lora, got {init!r}")
+
+
+def variant(cfg: Config, init: str, r: int, output_dir: Path, **train: Any) -> Config:
+    """``cfg`` with another init and rank (the alpha/r ratio kept, so the LoRA scale is the same),
+    its own output dir and any ``train`` fields overridden."""
+    c = copy.deepcopy(cfg)
+    c.adapter.init, c.adapter.r, c.adapter.alpha = init, r, cfg.adapter.alpha * r / cfg.adapter.r
+    c.train.output_dir = str(output_dir)
+    for k, v in train.items():
+        setattr(c.train, k, v)
+    return c
+
+
+def diverged(m: dict[str, Any]) -> bool:
+    return (m.get("stopped") or {}).get("reason") == "diverged"
+
+
+def train_once(cfg: Config, name: str) -> dict[str, Any]:
+    """Train ``cfg`` into its output dir unless it finished (or diverged) before; its ``metrics.json``."""
+    from .run import train
+
+    out = Path(cfg.train.output_dir)
+    before = run_dir.read_metrics(out)
+    if run_dir.is_finished(out) or diverged(before):
+        logger.info("%s %s before; reusing it", name, "diverged" if diverged(before) else "finished")
+        return before
+    logger.info("training %s", name)
+    t0 = time.perf_counter()
+    try:
+        train(cfg, resume=bool(run_dir.checkpoints(out)))
+    except DivergedError as e:
+        logger.warning("%s: %s", name, str(e).split(";")[0])
+    m = run_dir.read_metrics(out)
+    m["compare_wall_time_s"] = round(time.perf_counter() - t0, 1)
+    write_json_atomic(out / run_dir.METRICS_FILE, m)
+    return m
+
+
+def run_grid(cells: list[tuple[str, Config]], what: str) -> dict[str, dict[str, Any]]:
+    """Train every ``(name, config)`` cell in order (``train_once``); their metrics by name. Logs each
+    run to train with how many are left and, after the first, about how long they take."""
+    runs: dict[str, dict[str, Any]] = {}
+    took: list[float] = []
+    for i, (name, c) in enumerate(cells, 1):
+        out = Path(c.train.output_dir)
+        fresh = not (run_dir.is_finished(out) or diverged(run_dir.read_metrics(out)))
+        if fresh:
+            left = sum(1 for _, cc in cells[i - 1 :] if not run_dir.is_finished(Path(cc.train.output_dir)))
+            eta = f"; about {statistics.fmean(took) * left / 60:.0f} min left" if took else ""
+            logger.info("%s: run %d of %d: %s (%d to train%s)", what, i, len(cells), name, left, eta)
+        t0 = time.perf_counter()
+        runs[name] = train_once(c, name)
+        if fresh:
+            took.append(time.perf_counter() - t0)
+    return runs
+
+
+def two_panels() -> tuple[Any, Any, Any]:
+    """A 12 x 4.5 in figure with two side-by-side axes (the compare and sweep plots)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    return fig, a, b
+
+
+def save_panels(fig: Any, axes: tuple[Any, ...], path: Path) -> None:
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save_figure_atomic(fig, path)
