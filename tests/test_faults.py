@@ -352,6 +352,9 @@ def test_checkpoints_are_sealed_and_rotation_counts_sealed_ones(chat_model_dir, 
     train(_cfg(chat_model_dir, tmp_path, max_steps=6, save_total_limit=2))
     run = tmp_path / "run"
     assert [n for n, _ in rd.checkpoints(run)] == [4, 6]
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    assert rd.TRAINER_STATE == TRAINER_STATE_NAME
     seal = json.loads((run / "checkpoint-6" / rd.SEAL_FILE).read_text())["files"]
     assert {"trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt"} <= set(seal)
 

@@ -11,7 +11,6 @@ run in one line with its checkpoints intact (``guard``), and only a finished run
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -171,8 +170,7 @@ def run_trainer(trainer: Any, ckpt: Path | None, out: Path, stop: SignalStop | N
     if stop is not None:
         trainer.add_callback(stop)
     if ckpt is not None:  # the guard and the logging window continue as in the uninterrupted run
-        saved = json.loads((ckpt / "trainer_state.json").read_text()).get("stateful_callbacks", {})
-        trainer.run_state.load(saved.get("RunState", {}).get("attributes", {}))
+        trainer.run_state.load(run_dir.saved_callback_state(ckpt, "RunState"))
     try:
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     except DivergedError as e:

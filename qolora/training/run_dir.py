@@ -36,6 +36,16 @@ FINAL_ADAPTER = "adapter"  # only a finished run writes it
 LOCK_FILE = ".qolora-run.lock"
 SEAL_FILE = "qolora-seal.json"
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+TRAINER_STATE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME, in every checkpoint
+
+
+def saved_callback_state(ckpt: Path, name: str) -> dict:
+    """The attributes an ``ExportableState`` callback ``name`` saved in ``ckpt``'s trainer state ({} if none)."""
+    try:
+        saved = json.loads((ckpt / TRAINER_STATE).read_text()).get("stateful_callbacks", {})
+    except (OSError, ValueError):
+        return {}
+    return (saved.get(name) or {}).get("attributes", {})
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:
@@ -179,8 +189,8 @@ def seal_problem(ckpt: Path) -> str | None:
         files = json.loads((ckpt / SEAL_FILE).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"it has no {SEAL_FILE} (its save did not finish)"
-    if "trainer_state.json" not in files:
-        return "its seal lists no trainer_state.json"
+    if TRAINER_STATE not in files:
+        return f"its seal lists no {TRAINER_STATE}"
     for name, e in files.items():
         p = ckpt / name
         if not p.is_file():
