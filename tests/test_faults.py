@@ -28,7 +28,7 @@ from qolora.training.guard import DivergedError, DivergenceGuard, SignalStop
 from .conftest import add_trainer_callback, make_tokenizer, tiny_data
 from .conftest import tiny_train_config as _cfg
 
-ENV = {**os.environ, "PYTHONPATH": os.getcwd()}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), os.getcwd()]))}
 
 
 def _history(run: Path) -> list[dict]:
