@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -113,6 +114,17 @@ def atomic_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def sha256_file(path: str | os.PathLike[str], on_chunk: Any = None, chunk: int = 1 << 24) -> str:
+    """The sha256 of a file's bytes, read ``chunk`` bytes at a time; ``on_chunk(n)`` after each."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            if on_chunk is not None:
+                on_chunk(len(block))
+    return h.hexdigest()
 
 
 def read_safetensors(path: str | os.PathLike[str]) -> dict:

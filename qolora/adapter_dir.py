@@ -275,7 +275,7 @@ def write_adapter_dir(
     out = Path(out)
     # about what it takes: the factors, an adapter of the same size, 1 MiB of config and metadata
     need = 2 * sum(t.numel() * t.element_size() for pair in factors.values() for t in pair) + 2**20 if factors else None
-    with atomic_dir(out, what=out.name, need_bytes=need) as tmp:
+    with atomic_dir(out, need_bytes=need) as tmp:
         save_peft(tmp)
         if factors:
             tensors: dict[str, torch.Tensor] = {}

@@ -169,8 +169,6 @@ def get_qolora_model(
     Returns:
         A ``peft.PeftModel``; ``model.qolora_states[adapter_name].report`` is the init report.
     """
-    from peft import get_peft_model
-
     kind = _init_kind(lora_config)
     _check_config(lora_config)
     if init_source not in INIT_SOURCES:
@@ -179,7 +177,7 @@ def get_qolora_model(
     check_ranks(model, lora_config)
     cfg = copy.deepcopy(lora_config)
     cfg.init_lora_weights = False if kind == "olora" else True
-    peft_model = _wrap(get_peft_model, model, cfg, adapter_name)
+    peft_model = _get_peft_model(model, cfg, adapter_name)
     peft_model.peft_config[adapter_name].init_lora_weights = lora_config.init_lora_weights
     if kind == "olora":
         result = init_olora_(peft_model, adapter_name, init_source, checkpoint, progress, balance)
@@ -195,10 +193,12 @@ def get_qolora_model(
     return peft_model
 
 
-def _wrap(get_peft_model: Any, model: nn.Module, cfg: Any, adapter_name: str) -> Any:
-    """``get_peft_model``, without the FutureWarning PEFT 0.21 itself causes by reading transformers'
-    renamed ``is_gradient_checkpointing`` (ours to hide, not the user's to fix)."""
+def _get_peft_model(model: nn.Module, cfg: Any, adapter_name: str) -> Any:
+    """``peft.get_peft_model``, without the FutureWarning PEFT 0.21 itself causes by reading
+    transformers' renamed ``is_gradient_checkpointing`` (ours to hide, not the user's to fix)."""
     import warnings
+
+    from peft import get_peft_model
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -361,7 +361,7 @@ def load_adapter(
         FileNotFoundError: a missing adapter file or base checkpoint (named).
         ValueError: a changed base checkpoint, or an adapter that does not fit the base.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     ad = read_adapter_dir(adapter_dir)
     meta, meta_path = ad.meta, ad.meta_path
@@ -377,7 +377,7 @@ def load_adapter(
     cfg.init_lora_weights = False if meta.init == "olora" else True
     cfg.inference_mode = not is_trainable
     name = meta.adapter_name
-    peft_model = _wrap(get_peft_model, base_model, cfg, name)
+    peft_model = _get_peft_model(base_model, cfg, name)
     if meta.init == "olora":
         try:
             restore_olora_(

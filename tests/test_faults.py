@@ -200,7 +200,6 @@ def test_a_signal_checkpoints_the_step_then_resume_gives_the_uninterrupted_losse
     (tmp_path / "cut").mkdir()
     cfg = _cfg(chat_model_dir, tmp_path / "cut", max_steps=7, save_steps=100, logging_steps=3)
     dump_config(cfg, tmp_path / "cut" / "cfg.yaml")
-    t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, str(DRIVER), "train", str(tmp_path / "cut" / "cfg.yaml")],
         env={**ENV, "FAULT": "signal", "SIGNAL": sig},
@@ -216,7 +215,6 @@ def test_a_signal_checkpoints_the_step_then_resume_gives_the_uninterrupted_losse
     assert not (run / "adapter").exists()
     stopped = json.loads((run / "metrics.json").read_text())["stopped"]
     assert stopped["reason"] == sig and stopped["step"] == 4 and stopped["signal_to_saved_s"] < 60
-    assert time.perf_counter() - t0 < 300
     train(cfg, resume=True)
     assert [h["step"] for h in want] == [1, 3, 6]
     assert _history(run) == want  # bit-identical losses, the window 4..6 included

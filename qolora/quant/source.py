@@ -7,7 +7,6 @@ runs on the original weight and the residual is quantized once (docs/design.md, 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,6 +16,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
+
+from .._io import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -114,12 +115,7 @@ def fingerprint(folder: str | os.PathLike[str], progress: bool = True) -> dict[s
         total=total, unit="B", unit_scale=True, desc="fingerprint", disable=not progress or total < 1 << 30
     ) as bar:
         for f in files:
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                while chunk := fh.read(_CHUNK):
-                    h.update(chunk)
-                    bar.update(len(chunk))
-            out[f.name] = {"size": f.stat().st_size, "sha256": h.hexdigest()}
+            out[f.name] = {"size": f.stat().st_size, "sha256": sha256_file(f, bar.update, _CHUNK)}
     return {"method": FINGERPRINT_METHOD, "files": out}
 
 

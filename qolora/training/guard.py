@@ -132,10 +132,10 @@ class DivergenceGuard:
             "min_steps": self.min_steps,
         }
 
+    STATE = ("ema", "slow", "seen", "first", "lowest", "over", "last_above", "last_good_step")
+
     def state(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.STATE}
-
-    STATE = ("ema", "slow", "seen", "first", "lowest", "over", "last_above", "last_good_step")
 
     def load_state(self, s: dict[str, Any]) -> None:
         for k in self.STATE:

@@ -30,7 +30,7 @@ from . import run_dir
 from .callbacks import MetricsCallback
 from .data import load_rows, load_sources
 from .guard import DivergedError, SignalStop
-from .run_dir import CONFIG_FILE, FINAL_ADAPTER, INITIAL_ADAPTER, check_resume, is_finished  # noqa: F401 (re-exported)
+from .run_dir import CONFIG_FILE, FINAL_ADAPTER, INITIAL_ADAPTER
 from .tokenize import Encoder, head, pack_examples, split_rows
 from .trainer import build_trainer, check_report_to, prepare_for_training_
 
@@ -176,7 +176,7 @@ def run_trainer(trainer: Any, ckpt: Path | None, out: Path, stop: SignalStop | N
     except DivergedError as e:
         last = run_dir.latest_complete_checkpoint(out, set_aside=False)
         write_stop(trainer, {"reason": "diverged", "message": str(e), "last_checkpoint": last and last.name}, w)
-        aside = run_dir.set_aside_as(out, "diverged")
+        aside = run_dir.set_aside_names(out, "diverged")
         where = f"the last good checkpoint is {last}" if last else "no checkpoint from before the blow-up is left"
         where += f" ({', '.join(aside)} set aside: written after it began)" if aside else ""
         raise DivergedError(
@@ -191,7 +191,7 @@ def run_trainer(trainer: Any, ckpt: Path | None, out: Path, stop: SignalStop | N
         saved = (
             f"wrote checkpoint-{report['step']} in {report['signal_to_saved_s']} s"
             if report["step"]
-            else ("wrote no checkpoint (the divergence guard held it back)")
+            else "wrote no checkpoint (the divergence guard held it back)"
         )
         raise RunStopped(
             f"stopped by {report['reason']}: {saved}; --resume continues from it in {out}", 128 + stop.signum
@@ -219,7 +219,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
 def _train(cfg: Config, resume: bool, mode: str, out: Path, stop: SignalStop | None, w: distributed.World) -> Path:
     ckpt = resume_point(out, resume, w)
     if resume:
-        check_resume(cfg, out)
+        run_dir.check_resume(cfg, out)
         run_dir.check_world_size(out, w.size)
     check_report_to(cfg.train.report_to)
     resolve_model(cfg.model)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .._io import write_json_atomic
+from .._io import sha256_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -122,12 +121,12 @@ def run_lock(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _read_holder(path)
+            holder = _describe(_holder(path))
             raise RunLockedError(
                 f"train.output_dir: {out} is in use by another qolora train ({holder}); wait for it to end, "
                 "or choose another train.output_dir"
             ) from None
-        old = _read_holder_dict(path)
+        old = _holder(path)
         if old.get("pid") and not old.get("ended"):  # its holder died without releasing it cleanly
             logger.warning("%s: taking over the lock of a run that was killed (%s)", out, _describe(old))
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -146,7 +145,7 @@ def run_lock(out: Path) -> Iterator[None]:
                 out.rmdir()
 
 
-def _read_holder_dict(path: Path) -> dict:
+def _holder(path: Path) -> dict:
     try:
         return json.loads(path.read_text() or "{}")
     except (OSError, ValueError):
@@ -157,28 +156,16 @@ def _describe(h: dict) -> str:
     return f"pid {h.get('pid', '?')} on {h.get('host', '?')}, started {h.get('started', '?')}"
 
 
-def _read_holder(path: Path) -> str:
-    return _describe(_read_holder_dict(path))
-
-
 def checkpoints(out: Path) -> list[tuple[int, Path]]:
     """``(N, checkpoint-N)`` in ``out``, sealed or not, by N."""
     found = [(int(m.group(1)), d) for d in out.glob("checkpoint-*") if (m := CHECKPOINT_RE.fullmatch(d.name))]
     return sorted(found)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def seal(ckpt: Path) -> int:
     """Write ``ckpt``'s seal (every file's size and sha256), last and atomically; its total bytes."""
     files = {str(p.relative_to(ckpt)): p for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != SEAL_FILE}
-    entries = {k: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for k, p in files.items()}
+    entries = {k: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for k, p in files.items()}
     write_json_atomic(ckpt / SEAL_FILE, {"files": entries})
     return sum(e["bytes"] for e in entries.values())
 
@@ -197,7 +184,7 @@ def seal_problem(ckpt: Path) -> str | None:
             return f"{name} is missing"
         if p.stat().st_size != e["bytes"]:
             return f"{name} is {p.stat().st_size} bytes, its seal says {e['bytes']}"
-        if _sha256(p) != e["sha256"]:
+        if sha256_file(p) != e["sha256"]:
             return f"{name} does not match its sha256 in the seal"
     return None
 
@@ -238,7 +225,7 @@ def set_aside(ckpt: Path, why: str) -> Path:
     return aside
 
 
-def set_aside_as(out: Path, why: str) -> list[str]:
+def set_aside_names(out: Path, why: str) -> list[str]:
     """The names of the checkpoints set aside as ``why``."""
     return sorted(d.name for d in out.glob(f"checkpoint-*.{why}*"))
 

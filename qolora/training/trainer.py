@@ -127,7 +127,7 @@ class QoloraTrainer(Trainer):
         ckpt, self.unverified = self.unverified, None
         if ckpt is None or not distributed.world().is_main:
             return
-        if self.guard is not None and (self.guard.suspect or self.guard.over):
+        if self.guard is not None and self.guard.suspect:
             aside = run_dir.set_aside(ckpt, "diverged")
             logger.warning("%s: the step after it is above the divergence bound; moved to %s", ckpt, aside.name)
         elif self.keep_checkpoints:
