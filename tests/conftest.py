@@ -175,6 +175,15 @@ def tiny_train_config(model_dir, tmp_path, **train_kw):
     )
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a Python subprocess: this checkout first on PYTHONPATH, and the caller's
+    PYTHONPATH kept (the GPU machine's carried wheels live there)."""
+    import os
+
+    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def add_trainer_callback(monkeypatch, callback) -> None:
     """Make ``qolora.training.run.train`` add ``callback`` to the Trainer it builds."""
     import qolora.training.run as run

@@ -4,7 +4,6 @@ N ranks = 1 rank at the same global batch, one init on every rank, faults end in
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import qolora
 from qolora.config import ConfigError, dump_config, load_config
 from qolora.training import train
 
-from .conftest import tiny_train_config
+from .conftest import child_env, tiny_train_config
 
 DRIVER = Path(__file__).parent / "dist" / "driver.py"
 STEPS = 6
@@ -44,7 +43,7 @@ def _config(model_dir: Path, run_dir: Path, **train_kw):
 
 
 def launch(args: list[str], env_extra: dict[str, str] | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.getcwd(), **(env_extra or {})}
+    env = child_env(**(env_extra or {}))
     env.pop("OMP_NUM_THREADS", None)  # torchrun's own default (1 per worker) applies, as for a user
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
 

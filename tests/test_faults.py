@@ -25,10 +25,10 @@ from qolora.training import run_dir as rd
 from qolora.training import train
 from qolora.training.guard import DivergedError, DivergenceGuard, SignalStop
 
-from .conftest import add_trainer_callback, make_tokenizer, tiny_data
+from .conftest import add_trainer_callback, child_env, make_tokenizer, tiny_data
 from .conftest import tiny_train_config as _cfg
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), os.getcwd()]))}
+ENV = child_env()
 
 
 def _history(run: Path) -> list[dict]:

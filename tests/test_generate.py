@@ -14,7 +14,7 @@ from qolora.cli import main
 from qolora.export import export_merged
 from qolora.generate import generate, load_chat_model, prompt_ids
 
-from .conftest import perturb_lora_
+from .conftest import child_env, perturb_lora_
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +76,11 @@ def test_generate_refusals_are_one_line(tmp_path, capsys, adapter) -> None:
 def test_stdout_carries_only_the_reply_in_a_real_process(adapter) -> None:
     """``qolora generate ... > reply.txt`` and ``qolora chat`` through a pipe: stdout is the model's
     text alone; the log lines (there are some) go to stderr."""
-    import os
     import subprocess
     import sys
 
     cm = load_chat_model(adapter)
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = child_env()
     cmd = [sys.executable, "-m", "qolora"]
     args = ["--greedy", "--max-new-tokens", "6"]
     gen = subprocess.run(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,7 +15,7 @@ import qolora
 import qolora.config
 from qolora.training import DataError, train
 
-from .conftest import add_trainer_callback, logits
+from .conftest import add_trainer_callback, child_env, logits
 from .conftest import tiny_train_config as _cfg
 
 
@@ -147,7 +146,7 @@ def test_resume_after_kill_9_matches_uninterrupted(chat_model_dir, tmp_path, mon
     cfg = _cfg(chat_model_dir, kill_dir, max_steps=7)
     dump_config(cfg, kill_dir / "cfg.yaml")
     (kill_dir / "killer.py").write_text(KILLER)
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = child_env()
     proc = subprocess.run(
         [sys.executable, str(kill_dir / "killer.py"), str(kill_dir / "cfg.yaml")],
         env=env,
