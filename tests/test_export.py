@@ -22,11 +22,10 @@ from qolora.export.merged import ShardWriter
 from .conftest import logits, perturb_lora_
 
 
-def _trained_adapter(base_dir, out, source="auto", targets="all-linear", **kw):
+def _trained_adapter(base_dir, out, source="auto", targets="all-linear", compute_dtype="auto", **kw):
     cfg = LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights="olora", **kw)
-    model = perturb_lora_(
-        qolora.get_qolora_model(quant.load_quantized(base_dir), cfg, init_source=source, progress=False), 0.05
-    )
+    base = quant.load_quantized(base_dir, compute_dtype=compute_dtype)
+    model = perturb_lora_(qolora.get_qolora_model(base, cfg, init_source=source, progress=False), 0.05)
     qolora.save_adapter(model, out)
     return model
 
