@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 from qolora import quant  # noqa: E402
-from qolora.plan import GiB, Shape, components, parse_bytes  # noqa: E402
+from qolora.plan import GiB, Shape, components, gpu_total, parse_bytes  # noqa: E402
 from qolora.training.losses import chunked_ce_sum  # noqa: E402
 
 SHAPES = {
@@ -185,7 +185,7 @@ def main() -> None:
             reset(device)
         s = Shape.from_config(SHAPES[name] | {"tie_word_embeddings": False})
         predicted = (
-            sum(components(s, args.seq, 1, args.rank).values())
+            gpu_total(components(s, args.seq, 1, args.rank))
             - components(s, 1, 1, 1)["CUDA context and allocator overhead"]
         )
         q, p = results["qolora"], results["peft"]

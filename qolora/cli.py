@@ -177,6 +177,9 @@ def _plan(args: argparse.Namespace) -> int:
         gradient_checkpointing=not args.no_gradient_checkpointing,
         chunked_ce=not args.no_chunked_ce,
         offload=args.offload_activations,
+        gpus=args.gpus,
+        fsdp=args.fsdp,
+        fsdp_offload=args.offload,
     )
     print(json.dumps(p.to_json()) if args.json else p)
     return 0
@@ -284,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--no-gradient-checkpointing", action="store_true")
     pl.add_argument("--no-chunked-ce", action="store_true")
     pl.add_argument("--offload-activations", action="store_true")
+    pl.add_argument("--gpus", type=int, default=1, help="GPUs (processes) sharing the job; --batch-size is per GPU")
+    pl.add_argument("--fsdp", action="store_true", help="FSDP-QLoRA: shard the 4-bit base across the GPUs")
+    pl.add_argument("--offload", action="store_true", help="with --fsdp: keep the shards and optimizer on the CPU")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=_plan)
     d = sub.add_parser("prepare-demo", help="make the offline demo model folder and data")

@@ -68,39 +68,66 @@ class Shape:
         return [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
 
 
-def nf4_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
-    """Bytes of one NF4 weight in bitsandbytes: packed data plus absmax statistics."""
+def nf4_stats_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
+    """Bytes of one NF4 weight's quant_state statistics: fp32 absmax per block, or with double
+    quant uint8 absmax plus fp32 absmax² per 256 blocks and one fp32 offset."""
     blocks = math.ceil(numel / blocksize)
-    data = math.ceil(numel / 2)
     if not double_quant:
-        return data + 4 * blocks
-    return data + blocks + 4 * math.ceil(blocks / 256) + 4  # uint8 absmax, fp32 absmax², fp32 offset
+        return 4 * blocks
+    return blocks + 4 * math.ceil(blocks / 256) + 4
+
+
+def nf4_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
+    """Bytes of one NF4 weight in bitsandbytes: packed data (two values a byte) plus its statistics."""
+    return math.ceil(numel / 2) + nf4_stats_bytes(numel, blocksize, double_quant)
+
+
+CPU_PREFIX = "on the CPU: "  # components with this prefix are host memory, not counted against the GPU
+
+
+def gpu_total(comp: dict[str, int]) -> int:
+    """The bytes on one GPU: every component but those kept on the CPU."""
+    return sum(v for k, v in comp.items() if not k.startswith(CPU_PREFIX))
 
 
 @dataclass
 class Plan:
     components: dict[str, int]
-    total_bytes: int
+    total_bytes: int  # on one GPU
     gpu_bytes: int
     fits: bool
     max_seq_len: int
+    gpus: int = 1
+    mode: str = "single"  # single | ddp | fsdp | fsdp+offload
 
     def to_json(self) -> dict[str, Any]:
         return {
             "components": self.components,
             "total_bytes": self.total_bytes,
+            "cpu_bytes": sum(self.components.values()) - self.total_bytes,
             "fits": self.fits,
             "max_seq_len": self.max_seq_len,
+            "gpus": self.gpus,
+            "mode": self.mode,
         }
 
     def __str__(self) -> str:
         w = max(len(k) for k in self.components)
-        lines = [f"{k:<{w}}  {v / GiB:>8.3f} GiB" for k, v in self.components.items()]
+        gpu = {k: v for k, v in self.components.items() if not k.startswith(CPU_PREFIX)}
+        cpu = {k: v for k, v in self.components.items() if k.startswith(CPU_PREFIX)}
+        where = "one GPU" if self.gpus == 1 else f"each of {self.gpus} GPUs ({self.mode})"
+        lines = [f"per GPU, {where}:"] + [f"{k:<{w}}  {v / GiB:>8.3f} GiB" for k, v in gpu.items()]
         lines += [
             "-" * (w + 14),
             f"{'total':<{w}}  {self.total_bytes / GiB:>8.3f} GiB of {self.gpu_bytes / GiB:.1f} GiB",
-            f"{'fits' if self.fits else 'DOES NOT FIT'}; largest seq-len that fits: {self.max_seq_len}",
         ]
+        lines += [f"{k:<{w}}  {v / GiB:>8.3f} GiB (per process)" for k, v in cpu.items()]
+        lines.append(f"{'fits' if self.fits else 'DOES NOT FIT'}; largest seq-len that fits: {self.max_seq_len}")
+        if self.mode.startswith("fsdp"):
+            lines.append(
+                "note: a prediction for FSDP-QLoRA (quant storage = compute dtype); qolora train does not run "
+                "train.distributed: fsdp yet (README, Several GPUs)"
+            )
         return "\n".join(lines)
 
 
@@ -117,12 +144,33 @@ def components(
     ce_chunk: int = 1024,
     offload: bool = False,
     double_quant: bool = True,
+    gpus: int = 1,
+    fsdp: bool = False,
+    fsdp_offload: bool = False,
 ) -> dict[str, int]:
-    """Bytes per component for one training step (all linear layers of every decoder layer targeted)."""
+    """Bytes per component on one GPU for one training step (all linear layers of every decoder
+    layer targeted; ``batch`` is per GPU).
+
+    With ``gpus`` > 1 and no ``fsdp`` (DDP) every GPU holds the whole model plus DDP's gradient
+    buckets. With ``fsdp`` (FSDP2 ``fully_shard`` per decoder layer and at the root, as
+    accelerate wraps a Llama) each GPU holds 1/N of every parameter, adapter, gradient and
+    optimizer state; the quant_state statistics are no parameters and stay whole on every rank;
+    the root's parameters (embeddings, final norm, lm_head) are gathered for the whole step, and
+    two decoder layers at a time (the current one and the prefetched one), with one layer's
+    unsharded adapter gradients before the reduce-scatter. ``fsdp_offload`` keeps the shards,
+    their gradients and the optimizer on the CPU (lines prefixed ``CPU_PREFIX``).
+    """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {optimizer!r}")
+    if gpus < 1:
+        raise ValueError(f"gpus: must be >= 1, got {gpus}")
+    if fsdp and gpus < 2:
+        raise ValueError("--fsdp shards the model across GPUs: give --gpus 2 or more")
+    if fsdp_offload and not fsdp:
+        raise ValueError("--offload moves FSDP's parameter shards to the CPU: it needs --fsdp")
     lin = s.linears()
     w4 = s.layers * sum(nf4_bytes(o * i, double_quant=double_quant) for o, i in lin)
+    w4_stats = s.layers * sum(nf4_stats_bytes(o * i, double_quant=double_quant) for o, i in lin)
     embed = s.vocab * s.hidden * (1 if s.tied else 2)
     norms = (2 * s.layers + 1) * s.hidden
     adapter_params = s.layers * sum(rank * (o + i) for o, i in lin)
@@ -142,13 +190,39 @@ def components(
         acts = s.layers * layer_saved
     rows = ce_chunk if chunked_ce else tokens
     logits = rows * s.vocab * (4 + 4 + (0 if chunked_ce else dtype_bytes))  # fp32 logits + their grad (+ bf16)
+    opt_bytes = s.layers * sum(
+        optimizer_state_bytes(rank * i, optimizer) + optimizer_state_bytes(o * rank, optimizer) for o, i in lin
+    )
+    unquantized = (embed + norms) * dtype_bytes
+    if not fsdp:
+        model = {
+            "4-bit weights (incl. double-quant stats)": w4,
+            "unquantized params (embeddings, norms, lm_head)": unquantized,
+            "adapters (fp32)": adapter_params * 4,
+            "adapter gradients (fp32)": adapter_params * 4,
+            f"optimizer states ({optimizer})": opt_bytes,
+        }
+        if gpus > 1:
+            model["DDP gradient buckets (fp32)"] = adapter_params * 4
+    else:
+        n = gpus
+        where = CPU_PREFIX if fsdp_offload else ""
+        layer_w4 = sum(math.ceil(o * i / 2) for o, i in lin)
+        layer_adapters = sum(rank * (o + i) for o, i in lin) * 4
+        model = {
+            f"{where}4-bit packed weights (1/{n} shard)": math.ceil((w4 - w4_stats) / n),
+            f"{where}unquantized params (1/{n} shard)": math.ceil(unquantized / n),
+            f"{where}adapters (fp32, 1/{n} shard)": math.ceil(adapter_params * 4 / n),
+            f"{where}adapter gradients (fp32, 1/{n} shard)": math.ceil(adapter_params * 4 / n),
+            f"{where}optimizer states ({optimizer}, 1/{n} shard)": math.ceil(opt_bytes / n),
+            "4-bit quant stats (whole on every rank)": w4_stats,
+            "FSDP gathered root (embeddings, final norm, lm_head)": (embed + s.hidden) * dtype_bytes,
+            "FSDP gathered decoder layers (2) and one layer's gradients": 2 * (layer_w4 + 2 * s.hidden * dtype_bytes)
+            + 2 * layer_adapters
+            + layer_adapters,
+        }
     return {
-        "4-bit weights (incl. double-quant stats)": w4,
-        "unquantized params (embeddings, norms, lm_head)": (embed + norms) * dtype_bytes,
-        "adapters (fp32)": adapter_params * 4,
-        "adapter gradients (fp32)": adapter_params * 4,
-        f"optimizer states ({optimizer})": s.layers
-        * sum(optimizer_state_bytes(rank * i, optimizer) + optimizer_state_bytes(o * rank, optimizer) for o, i in lin),
+        **model,
         "activations"
         + (" (checkpointed" + (", offloaded)" if offload else ")") if gradient_checkpointing else ""): acts,
         "logits and loss" + (f" (chunked CE, {ce_chunk} rows)" if chunked_ce else ""): logits,
@@ -175,19 +249,26 @@ def read_config(model: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def plan(
-    model: str | os.PathLike[str], seq_len: int, batch: int, rank: int, gpu_memory: str | int = "24GiB", **kw: Any
+    model: str | os.PathLike[str] | dict[str, Any],
+    seq_len: int,
+    batch: int,
+    rank: int,
+    gpu_memory: str | int = "24GiB",
+    **kw: Any,
 ) -> Plan:
-    """The memory plan for training ``model`` at (seq_len, batch, rank) on one GPU."""
+    """The memory plan for training ``model`` (a folder, a config.json, a cached hub id, or the
+    config as a dict) at (seq_len, batch per GPU, rank), on one GPU or, with ``gpus``/``fsdp``/
+    ``fsdp_offload`` (see ``components``), on each of several."""
     for name, v in (("seq-len", seq_len), ("batch-size", batch), ("rank", rank)):
         if v < 1:
             raise ValueError(f"{name}: must be >= 1, got {v}")
-    s = Shape.from_config(read_config(model))
+    s = Shape.from_config(model if isinstance(model, dict) else read_config(model))
     gpu = parse_bytes(gpu_memory)
     comp = components(s, seq_len, batch, rank, **kw)
-    total = sum(comp.values())
+    total = gpu_total(comp)
 
     def fits(t: int) -> bool:
-        return sum(components(s, t, batch, rank, **kw).values()) <= gpu
+        return gpu_total(components(s, t, batch, rank, **kw)) <= gpu
 
     lo, hi = 0, 1
     while fits(hi) and hi < (1 << 24):
@@ -195,7 +276,9 @@ def plan(
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return Plan(comp, total, gpu, total <= gpu, lo)
+    gpus, fsdp = kw.get("gpus", 1), kw.get("fsdp", False)
+    mode = ("fsdp+offload" if kw.get("fsdp_offload") else "fsdp") if fsdp else ("ddp" if gpus > 1 else "single")
+    return Plan(comp, total, gpu, total <= gpu, lo, gpus, mode)
 
 
 def parse_bytes(text: str | int) -> int:

@@ -207,3 +207,31 @@ def test_digests_cover_the_quant_state_not_only_the_packed_data(llama_dir) -> No
     assert resolve_mode("auto", World(0, 0, 2)) == "ddp" and resolve_mode("fsdp", World(0, 0, 1)) == "none"
     with pytest.raises(ValueError, match="train.distributed=fsdp: not supported yet. accelerate applies FSDP only"):
         resolve_mode("fsdp", World(0, 0, 2))
+
+
+def test_fsdp2_shards_the_4bit_base_to_the_plan_and_keeps_it_bit_identical(llama_dir, tmp_path) -> None:
+    """FSDP-QLoRA's model side, on 2 gloo ranks: FSDP2 ``fully_shard`` (per decoder layer, then the
+    root, as accelerate wraps a Llama) on a QOLoRA 4-bit model with quant storage = compute dtype.
+    Each rank holds the plan's 1/2 of the parameters, measured; the quant_state stays whole; the
+    packed bytes, NaN bit patterns included (bitsandbytes#1945), survive shard -> unshard bit for
+    bit; the loss and the gathered gradients equal the unsharded model's; rank 0's full state
+    dict holds the whole adapter (accelerate#4206 saved one rank's slice). The Trainer path
+    (train.distributed: fsdp) needs a GPU: accelerate applies FSDP only there."""
+    from qolora.plan import Shape, components, read_config
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = launch([*cmd, str(DRIVER.parent / "fsdp_probe.py"), str(llama_dir), str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    comp = components(Shape.from_config(read_config(llama_dir)), 16, 2, 4, dtype_bytes=4, gpus=2, fsdp=True)
+    shard_lines = [k for k in comp if k.endswith("1/2 shard)") and "gradients" not in k and "optimizer" not in k]
+    assert len(shard_lines) == 3  # packed weights, unquantized params, adapters
+    for r in ranks:
+        assert r["sharded_params"] == r["params"] and r["local_param_bytes"] * 2 == r["full_param_bytes"]
+        assert r["local_param_bytes"] == sum(comp[k] for k in shard_lines)  # the plan's per-rank bytes, measured
+        assert r["quant_stats_bytes"] == comp["4-bit quant stats (whole on every rank)"]
+        assert r["nan_bit_patterns_in_packed"] > 0  # so a canonicalizing copy would show
+        assert r["packed_bit_identical_after_unshard"] and r["dequantized_bit_identical_after_unshard"]
+        assert r["loss_equal"] and r["grads_equal"]
+    assert ranks[0]["adapter_keys"] == 28 and ranks[0]["adapter_full_and_equal"]
+    assert ranks[1]["adapter_keys"] == 0  # gathered to rank 0 only

@@ -161,7 +161,8 @@ def test_plan_fit_search_and_json(llama_dir, capsys) -> None:
 
     assert main(["plan", str(llama_dir), "--seq-len", "64", "--batch-size", "1", "--rank", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"components", "total_bytes", "fits", "max_seq_len"}
+    assert set(out) == {"components", "total_bytes", "cpu_bytes", "fits", "max_seq_len", "gpus", "mode"}
+    assert out["gpus"] == 1 and out["mode"] == "single" and out["cpu_bytes"] == 0
 
 
 def test_chunked_ce_and_offload_are_accounted() -> None:
@@ -181,3 +182,52 @@ def test_bad_inputs(tmp_path, bad) -> None:
         plan(tmp_path / "none", 16, 1, 4)
     with pytest.raises(ValueError, match="seq-len"):
         plan(tmp_path, 0, 1, 4)
+
+
+def test_several_gpus_ddp_fsdp_and_offload_lines() -> None:
+    """DDP: the whole model on every GPU plus DDP's buckets; FSDP: 1/N of every parameter, gradient
+    and optimizer state, the quant stats whole, the gathered root and two layers; offload: the
+    shards move to the CPU and out of the GPU total (the measured per-rank bytes are in
+    test_distributed.py::test_fsdp2_shards_the_4bit_base_to_the_plan_and_keeps_it_bit_identical)."""
+    from qolora.plan import CPU_PREFIX, gpu_total, nf4_stats_bytes
+
+    s = Shape(8192, 28672, 80, 32000, 64, 8, 128, False)  # Llama-2-70B
+    one = components(s, 2048, 1, 16)
+    ddp = components(s, 2048, 1, 16, gpus=2)
+    assert ddp == {**one, "DDP gradient buckets (fp32)": one["adapter gradients (fp32)"]}
+    for n in (2, 4):
+        f = components(s, 2048, 1, 16, gpus=n, fsdp=True)
+        stats = s.layers * sum(nf4_stats_bytes(o * i) for o, i in s.linears())
+        assert f["4-bit quant stats (whole on every rank)"] == stats
+        assert (
+            abs(
+                f[f"4-bit packed weights (1/{n} shard)"] * n - (one["4-bit weights (incl. double-quant stats)"] - stats)
+            )
+            < n
+        )
+        assert (
+            abs(f[f"optimizer states (paged_adamw_8bit, 1/{n} shard)"] * n - one["optimizer states (paged_adamw_8bit)"])
+            < n
+        )
+        assert f["activations (checkpointed)"] == one["activations (checkpointed)"]  # batch is per GPU
+        off = components(s, 2048, 1, 16, gpus=n, fsdp=True, fsdp_offload=True)
+        moved = sum(v for k, v in off.items() if k.startswith(CPU_PREFIX))
+        assert moved > 0 and gpu_total(off) == gpu_total(f) - moved
+    assert gpu_total(components(s, 2048, 1, 16, gpus=4, fsdp=True)) < gpu_total(
+        components(s, 2048, 1, 16, gpus=2, fsdp=True)
+    )
+
+
+def test_several_gpus_bad_flags_are_one_line(llama_dir, capsys) -> None:
+    from qolora.cli import main
+
+    base = ["plan", str(llama_dir), "--seq-len", "64"]
+    assert main([*base, "--fsdp"]) == 2
+    assert "--fsdp shards the model across GPUs: give --gpus 2 or more" in capsys.readouterr().err
+    assert main([*base, "--gpus", "2", "--offload"]) == 2
+    assert "--offload moves FSDP's parameter shards to the CPU: it needs --fsdp" in capsys.readouterr().err
+    assert main([*base, "--gpus", "0"]) == 2
+    assert "gpus: must be >= 1" in capsys.readouterr().err
+    assert main([*base, "--gpus", "2", "--fsdp", "--offload", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mode"] == "fsdp+offload" and out["gpus"] == 2 and out["cpu_bytes"] > 0
