@@ -339,7 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except RunStopped as e:  # SIGTERM / SIGINT: 128 + the signal, as a shell reports a killed command
         _end_progress_bars()
-        print(f"qolora {args.command}: {e}", file=sys.stderr)
+        from .distributed import rank_prefix
+
+        print(f"qolora {args.command}: {rank_prefix()}{e}", file=sys.stderr)
         return e.exit_code
     except (ValueError, OSError, ExternalToolError) as e:  # FileNotFoundError and FileExistsError are OSErrors
         _end_progress_bars()

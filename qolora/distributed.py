@@ -119,21 +119,27 @@ def configure_logging(root: logging.Logger) -> None:
         h.addFilter(RankFilter())
 
 
+def exit_now(w: World, signum: int, why: str, output_dir: os.PathLike[str] | str) -> None:
+    """Exit this rank at once (no unwinding: a collective may be waiting for a rank that is gone),
+    with one line naming the rank, the signal and why, and 128 + the signal as the exit code."""
+    print(
+        f"qolora train: error: [rank {w.rank}] stopped by {signal.Signals(signum).name}: {why}; "
+        f"--resume continues from the last complete checkpoint in {output_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(128 + signum)
+
+
 def exit_in_one_line_on_sigterm(w: World, output_dir: os.PathLike[str] | str) -> None:
     """When one rank dies, torchrun (and accelerate launch, which runs it) sends SIGTERM to the others
     at once, so they never wait out a collective's timeout; each then says so in one line, not a
-    traceback, and exits 143 (128 + SIGTERM)."""
+    traceback, and exits 143 (128 + SIGTERM). For processes that cannot run ``SignalStop``."""
     if w.size == 1:
         return
 
     def stop(signum: int, frame: Any) -> None:
-        print(
-            f"qolora train: error: [rank {w.rank}] stopped by SIGTERM (the launcher stops every rank when one fails); "
-            f"--resume continues from the last complete checkpoint in {output_dir}",
-            file=sys.stderr,
-            flush=True,
-        )
-        os._exit(128 + signum)
+        exit_now(w, signum, "the launcher stops every rank when one fails", output_dir)
 
     signal.signal(signal.SIGTERM, stop)
 

@@ -14,6 +14,7 @@ import torch
 
 import qolora
 from qolora.config import ConfigError, dump_config, load_config
+from qolora.training import run_dir as run_dir_module
 from qolora.training import train
 
 from .conftest import child_env, tiny_train_config
@@ -48,13 +49,15 @@ def launch(args: list[str], env_extra: dict[str, str] | None = None, timeout: in
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def torchrun(cfg_path: Path, *extra: str, fault: str = "", rdzv: bool = False) -> subprocess.CompletedProcess:
+def torchrun(
+    cfg_path: Path, *extra: str, fault: str = "", rdzv: bool = False, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     if rdzv:  # the multi-node form, as 2 processes on one node through torchrun's c10d rendezvous
         how = ["--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "--rdzv-id", "qolora"]
     else:
         how = ["--standalone"]
     cmd = [sys.executable, "-m", "torch.distributed.run", *how, "--nproc_per_node", "2"]
-    return launch([*cmd, str(DRIVER), "train", str(cfg_path), *extra], {"FAULT": fault})
+    return launch([*cmd, str(DRIVER), "train", str(cfg_path), *extra], {"FAULT": fault, **(env or {})})
 
 
 def metrics(run_dir: Path) -> dict:
@@ -149,11 +152,11 @@ def test_accelerate_launch_gives_the_same_run(runs) -> None:
     assert got["world_size"] == 2 and [h["loss"] for h in got["history"]] == [h["loss"] for h in want["history"]]
 
 
-def fault_run(runs: dict, name: str, fault: str) -> tuple[subprocess.CompletedProcess, Path]:
+def fault_run(runs: dict, name: str, fault: str, **env: str) -> tuple[subprocess.CompletedProcess, Path]:
     """The test config in its own folder ``name``, on 2 torchrun ranks with ``fault`` injected."""
     cfg = _config(Path(runs["one"].model), runs["root"] / name)
     dump_config(cfg, runs["root"] / f"{name}.yaml")
-    return torchrun(runs["root"] / f"{name}.yaml", fault=fault), runs["root"] / name / "run"
+    return torchrun(runs["root"] / f"{name}.yaml", fault=fault, env=env), runs["root"] / name / "run"
 
 
 def test_a_rank_with_another_base_stops_before_step_1(runs) -> None:
@@ -179,7 +182,7 @@ def test_kill_9_of_one_rank_then_resume_gives_the_uninterrupted_losses(runs) -> 
     assert ended - float((run_dir / "killed_at").read_text()) < 60  # the other rank does not hang
     assert not (run_dir / "adapter").exists()
     # the survivor stops in one line: the launcher's SIGTERM or its failed collective, whichever comes first
-    stopped = "[rank 0] stopped by SIGTERM (the launcher stops every rank when one fails)"
+    stopped = "[rank 0] stopped by SIGTERM"  # before the step's end, or by the watchdog: no common checkpoint
     lost = "qolora train: error: [rank 0] lost another rank (it died or was stopped: "
     assert stopped in proc.stderr or lost in proc.stderr, proc.stderr[-3000:]
     assert "[rank0]: Traceback" not in proc.stderr and "[rank0]:   File" not in proc.stderr
@@ -190,6 +193,24 @@ def test_kill_9_of_one_rank_then_resume_gives_the_uninterrupted_losses(runs) -> 
     assert [h["loss"] for h in got["history"]] == [h["loss"] for h in want["history"]]
     with pytest.raises(ConfigError, match=r"--resume: the run in .* ran on 2 process\(es\), this launch has 1"):
         train(load_config(str(runs["root"] / "kill.yaml")), resume=True)
+
+
+def test_sigterm_to_one_rank_checkpoints_the_same_step_on_every_rank_then_resume(runs) -> None:
+    """SLURM or Kubernetes stopping a multi-GPU job: the ranks agree on the step, every rank's share
+    of the checkpoint is written and sealed, each exits 143 in one line, and --resume on 2 ranks
+    gives the uninterrupted losses. Only rank 1 is signalled here: rank 0 stops because it agreed."""
+    proc, run_dir = fault_run(runs, "sigterm", "signal", SIGNAL="SIGTERM", SIGNAL_RANK="1")
+    assert proc.returncode != 0
+    stops = [x for x in proc.stderr.splitlines() if x.startswith("qolora train: [rank ")]
+    assert len(stops) == 2 and all("stopped by SIGTERM: wrote checkpoint-4 in" in x for x in stops), proc.stderr[-3000:]
+    assert {x.split("[rank ")[1][0] for x in stops} == {"0", "1"}
+    assert "another rank was signalled" in proc.stderr
+    assert run_dir_module.seal_problem(run_dir / "checkpoint-4") is None and not (run_dir / "adapter").exists()
+    assert metrics(run_dir)["stopped"]["reason"] == "SIGTERM"
+    proc = torchrun(runs["root"] / "sigterm.yaml", "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, want = metrics(run_dir), metrics(Path(runs["two"].train.output_dir))
+    assert [h["loss"] for h in got["history"]] == [h["loss"] for h in want["history"]]
 
 
 def test_digests_cover_the_quant_state_not_only_the_packed_data(llama_dir) -> None:
@@ -235,3 +256,33 @@ def test_fsdp2_shards_the_4bit_base_to_the_plan_and_keeps_it_bit_identical(llama
         assert r["loss_equal"] and r["grads_equal"]
     assert ranks[0]["adapter_keys"] == 28 and ranks[0]["adapter_full_and_equal"]
     assert ranks[1]["adapter_keys"] == 0  # gathered to rank 0 only
+
+
+WATCHDOG = """
+import os, signal, sys, time
+from qolora.distributed import World
+from qolora.training.guard import SignalStop
+stop = SignalStop(world=World(0, 0, 2), output_dir="OUT", grace_s=float(sys.argv[1]))
+stop.install()
+stop.in_loop = True
+os.kill(os.getpid(), signal.SIGTERM)  # as torchrun sends when another rank died
+t0 = time.time()
+while time.time() - t0 < 30:  # a collective that never returns
+    time.sleep(0.01)
+print("not stopped")
+"""
+
+
+def test_a_rank_that_cannot_reach_a_common_checkpoint_exits_in_one_line_after_the_grace() -> None:
+    """When the other rank is dead and a collective hangs (NCCL can wait out its 30-minute timeout),
+    the watchdog ends the rank in one line before torchrun's SIGKILL (30 s after its SIGTERM)."""
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", WATCHDOG, "1.0"], env=child_env(), capture_output=True, text=True)
+    assert proc.returncode == 143 and time.time() - t0 < 20, proc.stderr[-2000:]
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("qolora train: error:")]
+    assert lines == [
+        "qolora train: error: [rank 0] stopped by SIGTERM: no checkpoint common to every rank within 1 s (one may "
+        "have died: the launcher stops every rank when one fails); --resume continues from the last complete "
+        "checkpoint in OUT"
+    ]
+    assert "not stopped" not in proc.stdout

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -181,6 +183,9 @@ class RunState(TrainerCallback, ExportableState):
         self.pending = {}
 
 
+GRACE_S = 25.0  # torchrun waits 30 s between its SIGTERM to the workers and its SIGKILL
+
+
 @dataclass
 class SignalStop(TrainerCallback):
     """SIGTERM (how SLURM, Kubernetes and spot GPUs stop a job) and SIGINT (Ctrl-C): the step in
@@ -188,27 +193,83 @@ class SignalStop(TrainerCallback):
 
     A second signal, or one that comes before training starts, stops at once: every output is
     atomic, so the last complete checkpoint stays what ``--resume`` continues from.
+
+    With several ranks (``world``) the ranks agree on the stop at every step's end (one all-reduce
+    of a flag), so a signal to any of them checkpoints the same step on all. When torchrun sends
+    its SIGTERM because another rank died, no common checkpoint can be written: the collective
+    with the dead rank fails (one line, ``distributed.lost_rank_as_one_line``), or, should it hang,
+    a watchdog thread, woken by the signal even while the main thread is blocked in C, exits in one
+    line after ``grace_s``.
     """
 
+    world: Any = None  # distributed.World
+    output_dir: str = ""
+    grace_s: float = GRACE_S
     signum: int | None = None
     at: float | None = None
     in_loop: bool = False
     saved_step: int | None = None
     saved_s: float | None = None
     _previous: dict[int, Any] = field(default_factory=dict)
+    _finished: threading.Event = field(default_factory=threading.Event)
+    _wakeup: tuple[int, int, int] | None = None  # read fd, write fd, the previous wakeup fd
+
+    @property
+    def several(self) -> bool:
+        return self.world is not None and self.world.size > 1
 
     def install(self) -> None:
         for s in (signal.SIGTERM, signal.SIGINT):
             self._previous[s] = signal.signal(s, self._handle)
+        if self.several:
+            r, w = os.pipe()
+            os.set_blocking(w, False)
+            self._wakeup = (r, w, signal.set_wakeup_fd(w, warn_on_full_buffer=False))
+            threading.Thread(target=self._watch, args=(r,), daemon=True, name="qolora-signal-watchdog").start()
 
     def uninstall(self) -> None:
+        self._finished.set()
         for s, h in self._previous.items():
-            signal.signal(s, h)
+            # stopping on an agreed checkpoint: the launcher's SIGTERM, sent when the first rank exits,
+            # must not cut the others' last lines short
+            signal.signal(s, signal.SIG_IGN if self.several and self.signum is not None else h)
         self._previous.clear()
+        if self._wakeup is not None:
+            r, w, old = self._wakeup
+            signal.set_wakeup_fd(old)
+            os.close(w)  # the watchdog reads EOF and ends
+            self._wakeup = None
+
+    def done(self) -> None:
+        """The stop is recorded: later signals are ignored and the watchdog stands down."""
+        self._finished.set()
+
+    def _watch(self, r: int) -> None:
+        try:
+            while b := os.read(r, 1):
+                if b[0] in (signal.SIGTERM, signal.SIGINT):
+                    if not self._finished.wait(self.grace_s):
+                        self._exit_now(
+                            b[0],
+                            f"no checkpoint common to every rank within {self.grace_s:.0f} s (one may have died: "
+                            "the launcher stops every rank when one fails)",
+                        )
+                    return
+        finally:
+            os.close(r)
+
+    def _exit_now(self, signum: int, why: str) -> None:
+        from .. import distributed
+
+        distributed.exit_now(self.world, signum, why, self.output_dir)
 
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
+        if self._finished.is_set():  # the agreed checkpoint is written: this process is exiting already
+            return
         if self.signum is not None or not self.in_loop:
+            if self.several:  # a collective may be waiting for a rank that is gone: no unwinding
+                self._exit_now(signum, "before a checkpoint of the current step was written")
             raise RunStopped(
                 f"stopped by {name} before a checkpoint of the current step was written; --resume continues from "
                 "the last complete checkpoint",
@@ -221,7 +282,19 @@ class SignalStop(TrainerCallback):
         self.in_loop = True
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        if self.signum is not None:
+        stop = self.signum is not None
+        if self.several:  # every rank decides from the same all-reduced flag, never from its own alone
+            from .. import distributed
+
+            (agreed,) = distributed.all_reduce_sum([float(self.signum or 0)], self.world, args.device)
+            stop = agreed > 0
+            if stop and self.signum is None:
+                self.signum, self.at = (
+                    int(agreed) if int(agreed) in (signal.SIGTERM, signal.SIGINT) else 15,
+                    time.perf_counter(),
+                )
+                logger.warning("another rank was signalled: writing a checkpoint of this step and stopping")
+        if stop:
             control.should_save = True
             control.should_training_stop = True
 

@@ -130,13 +130,14 @@ def locked(out: Path, w: distributed.World) -> Iterator[None]:
 
 @contextlib.contextmanager
 def signals_stop(w: distributed.World, out: Path) -> Iterator[SignalStop | None]:
-    """One process: SIGTERM / SIGINT checkpoint the step in progress, then stop (``SignalStop``).
-    Several: the launcher stops every rank when one fails, and each exits at once in one line."""
-    if w.size > 1 or threading.current_thread() is not threading.main_thread():
+    """SIGTERM / SIGINT checkpoint the step in progress, then stop (``SignalStop``); with several
+    ranks they agree on the step. Off the main thread (no signal handlers there) several ranks exit
+    at once in one line."""
+    if threading.current_thread() is not threading.main_thread():
         distributed.exit_in_one_line_on_sigterm(w, out)
         yield None
         return
-    stop = SignalStop()
+    stop = SignalStop(world=w, output_dir=str(out))
     stop.install()
     try:
         yield stop
@@ -188,6 +189,8 @@ def run_trainer(trainer: Any, ckpt: Path | None, out: Path, stop: SignalStop | N
         run_dir.rotate(out, trainer.keep_checkpoints)  # the run finished: its last checkpoint counts
     if report is not None:
         write_stop(trainer, report, w)
+        stop.done()  # from here a launcher's SIGTERM (sent when the first rank exits) changes nothing
+        distributed.barrier(w)  # no rank exits while another still writes its part of the stop
         saved = (
             f"wrote checkpoint-{report['step']} in {report['signal_to_saved_s']} s"
             if report["step"]

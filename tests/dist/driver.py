@@ -4,7 +4,8 @@ tests/test_faults.py).
 FAULT=perturb: rank 1's 4-bit residual of one layer is moved after it is rebuilt.
 FAULT=config:  rank 1 gets another train.lr.
 FAULT=kill:    rank 1 kills itself with SIGKILL right after checkpoint-4 is saved.
-FAULT=signal:  the process sends itself $SIGNAL (SIGTERM, SIGINT) as step 4 begins, from outside the loop.
+FAULT=signal:  the process sends itself $SIGNAL (SIGTERM, SIGINT) as step 4 begins, from outside the loop
+               (only rank $SIGNAL_RANK, if set).
 FAULT=pause:   at step 2 the run touches $PAUSED and waits for $GO to exist: a run busy training.
 """
 
@@ -63,7 +64,7 @@ elif fault == "signal":
 
     class SignalInStep(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            if state.global_step == 3:
+            if state.global_step == 3 and os.environ.get("SIGNAL_RANK", str(rank)) == str(rank):
                 os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
 
     add_callback(SignalInStep())
