@@ -303,15 +303,17 @@ def _train(trainer: Any) -> dict[str, Any]:
     }
 
 
-def _plan_bytes(shape: dict, seq: int, rank: int, chunked: bool, offload: bool = False) -> tuple[int, int]:
-    """The plan's total, and that total without the CUDA context (which the allocator's peak cannot see)."""
-    from qolora.plan import Shape, components
+def _plan(shape: dict, seq: int, rank: int, **kw: Any) -> Any:
+    """``qolora plan`` for the shape at batch 1 under 24 GiB (``kw``: chunked_ce, offload)."""
+    from qolora.plan import plan
 
-    comp = components(
-        Shape.from_config(shape | {"tie_word_embeddings": False}), seq, 1, rank, chunked_ce=chunked, offload=offload
-    )
-    total = sum(comp.values())
-    return total, total - comp["CUDA context and allocator overhead"]
+    return plan(shape | {"tie_word_embeddings": False}, seq, 1, rank, "24GiB", **kw)
+
+
+def _plan_bytes(shape: dict, seq: int, rank: int, chunked: bool) -> tuple[int, int]:
+    """The plan's total, and that total without the CUDA context (which the allocator's peak cannot see)."""
+    p = _plan(shape, seq, rank, chunked_ce=chunked)
+    return p.total_bytes, p.total_bytes - p.components["CUDA context and allocator overhead"]
 
 
 def part_memory(p: Part, rehearse: bool, box: float) -> None:
@@ -343,7 +345,7 @@ def part_context(p: Part, rehearse: bool, box: float) -> None:
     import torch
     from gpu_7b import SHAPES
 
-    from qolora.plan import Shape, components, parse_bytes
+    from qolora.plan import parse_bytes
 
     shape_name, rank = ("tiny", 16) if rehearse else ("8b", 16)
     shape = SHAPES[shape_name]
@@ -353,11 +355,10 @@ def part_context(p: Part, rehearse: bool, box: float) -> None:
     # the rehearsal cannot run out of memory on the CPU: a length limit stands in for the cap
     fake_limit, grain = (384, 64) if rehearse else (None, 2048)
     p.update(device=_device(), shape=shape_name, cap_bytes=cap, modes={})
-    s = Shape.from_config(shape | {"tie_word_embeddings": False})
     model = _build(shape, "qolora", rank)
     modes: dict[str, Any] = {}
 
-    def fits(seq: int, offload: bool) -> bool:
+    def fits(seq: int, offload: bool, mode: dict[str, Any]) -> bool:
         t0 = time.perf_counter()
         ok = True
         try:
@@ -377,13 +378,13 @@ def part_context(p: Part, rehearse: bool, box: float) -> None:
         name = "offload" if offload else "no_offload"
         share = (box - p.elapsed()) / (2 if not offload else 1) * 0.9  # each mode its own share of the box
         t_mode = time.perf_counter()
-        predicted = _plan_max_seq(s, rank, cap, offload, components)
+        predicted = _plan(shape, 1, rank, offload=offload).max_seq_len
         mode = modes[name] = {"max_seq": None, "plan_max_seq": predicted, "probes": []}
         start = max(grain, predicted // grain * grain) if not rehearse else 256
         lo, hi = 0, None
         seq = start
         while time.perf_counter() - t_mode < share and len(mode["probes"]) < 8:
-            if fits(seq, offload):
+            if fits(seq, offload, mode):
                 lo = seq
                 seq = seq * 5 // 4 // grain * grain if hi is None else (lo + hi) // 2 // grain * grain
             else:
@@ -396,19 +397,6 @@ def part_context(p: Part, rehearse: bool, box: float) -> None:
         mode["max_seq"] = lo or None
         mode["bracket"] = [lo, hi]
         p.update(modes=modes)
-
-
-def _plan_max_seq(s: Any, rank: int, cap: int, offload: bool, components: Any) -> int:
-    def total(t: int) -> int:
-        return sum(components(s, t, 1, rank, offload=offload).values())
-
-    lo, hi = 0, 1
-    while total(hi) <= cap and hi < (1 << 22):
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if total(mid) <= cap else (lo, mid)
-    return lo
 
 
 # --------------------------------------------------------------------------------------- init

@@ -289,10 +289,8 @@ class SignalStop(TrainerCallback):
             (agreed,) = distributed.all_reduce_sum([float(self.signum or 0)], self.world, args.device)
             stop = agreed > 0
             if stop and self.signum is None:
-                self.signum, self.at = (
-                    int(agreed) if int(agreed) in (signal.SIGTERM, signal.SIGINT) else 15,
-                    time.perf_counter(),
-                )
+                self.signum = signal.SIGINT if agreed == signal.SIGINT else signal.SIGTERM  # a sum of signals: TERM
+                self.at = time.perf_counter()
                 logger.warning("another rank was signalled: writing a checkpoint of this step and stopping")
         if stop:
             control.should_save = True
