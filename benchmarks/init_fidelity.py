@@ -1,18 +1,22 @@
 """Initial-model fidelity on the real demo model: weight error and logits KL against full precision.
 
-Compares, on SmolLM2-135M-Instruct (all linear layers, r=16, alpha=16): plain QLoRA (the 4-bit
-model), PEFT's init_lora_weights="olora" on the 4-bit base, and QOLoRA with the checkpoint
-source (and its dequantized fallback). Weight error: mean over target layers of
-‖W − W_eff‖_F / ‖W‖_F with W_eff = dequant(base) + s·B·A. KL: mean per token of
-KL(p_fp32 ‖ p_model) on held-out chat-formatted examples.
+Compares, on SmolLM2-135M-Instruct (all linear layers, r = alpha): plain QLoRA (the 4-bit model),
+PEFT's init_lora_weights="olora" on the 4-bit base, and QOLoRA's inits with the checkpoint source:
+olora (T = 1, 2, 4 rounds, and its dequantized fallback), pissa (exact and niter 4) and loftq
+(T = 1, 4). Weight error: mean over target layers of ‖W − W_eff‖_F / ‖W‖_F with
+W_eff = dequant(base) + s·B·A. KL: mean per token of KL(p_fp32 ‖ p_model) on held-out
+chat-formatted examples. Init time: the init report's (load excluded), in one process, one after
+another.
 
-    python benchmarks/init_fidelity.py [--model demo/model] [--rows 32] [--rank 16]
+    python benchmarks/init_fidelity.py [--model demo/model] [--rows 32] [--rank 16] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -54,6 +58,7 @@ def main() -> None:
     ap.add_argument("--data", default="demo/data/eval.jsonl")
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -68,35 +73,47 @@ def main() -> None:
     ref_lp = logprobs(ref_model, batch)
     del ref_model
     cfg = LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules="all-linear", init_lora_weights="olora")
+
+    def ours(**kw):
+        return lambda: qolora.get_qolora_model(quant.load_quantized(args.model), cfg, progress=False, **kw)
+
     variants = {
         "plain QLoRA (4-bit, no adapter)": lambda: quant.load_quantized(args.model),
         "PEFT olora on the 4-bit base": lambda: get_peft_model(quant.load_quantized(args.model), cfg),
-        "QOLoRA, dequantized source (fallback)": lambda: qolora.get_qolora_model(
-            quant.load_quantized(args.model), cfg, init_source="dequantized", progress=False
-        ),
-        "QOLoRA, checkpoint source (default)": lambda: qolora.get_qolora_model(
-            quant.load_quantized(args.model), cfg, progress=False
-        ),
+        "QOLoRA olora, dequantized source (fallback)": ours(init_source="dequantized"),
+        "QOLoRA olora (default)": ours(),
+        "QOLoRA olora, T = 2": ours(init_iters=2),
+        "QOLoRA olora, T = 4": ours(init_iters=4),
+        "QOLoRA pissa (exact SVD)": ours(init="pissa"),
+        "QOLoRA pissa, svd_niter 4": ours(init="pissa", svd_niter=4),
+        "QOLoRA loftq, T = 1": ours(init="loftq"),
+        "QOLoRA loftq, T = 4": ours(init="loftq", init_iters=4),
     }
     results = {}
     for label, make in variants.items():
+        t0 = time.perf_counter()
         model = make()
+        wall = time.perf_counter() - t0
+        states = getattr(model, "qolora_states", None)
+        init_s = states["default"].report.seconds if states else None
         eff = effective_weights(model)
         errs = [float((ref_w[f"{n}.weight"] - W).norm() / ref_w[f"{n}.weight"].norm()) for n, W in eff.items()]
         lp = logprobs(model, batch)
         kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1)[mask].mean().item()
-        results[label] = (sum(errs) / len(errs), kl, len(errs))
+        results[label] = (sum(errs) / len(errs), kl, len(errs), init_s, wall)
         print(
-            f"{label}: mean rel weight error {results[label][0]:.5f} over {len(errs)} layers, KL {kl:.5f}", flush=True
+            f"{label}: mean rel weight error {results[label][0]:.5f} over {len(errs)} layers, KL {kl:.5f}, "
+            f"init {init_s if init_s is None else round(init_s, 2)} s, load + init {wall:.1f} s",
+            flush=True,
         )
         del model
-    q_err, q_kl, _ = results["plain QLoRA (4-bit, no adapter)"]
+    q_err, q_kl = results["plain QLoRA (4-bit, no adapter)"][:2]
     print(
-        "| init | mean rel weight error | vs plain QLoRA | logits KL vs fp32 (per token) | vs plain QLoRA "
-        "| command | machine | date |"
+        f"| init (r = {args.rank}) | mean rel weight error | vs plain QLoRA | logits KL vs fp32 (per token) "
+        "| vs plain QLoRA | init time | command | machine | date |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for label, (err, kl, _) in results.items():
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, (err, kl, _, init_s, _) in results.items():
         print(
             _common.row(
                 label,
@@ -104,11 +121,22 @@ def main() -> None:
                 f"{err / q_err:.3f}x",
                 f"{kl:.5f}",
                 f"{kl / q_kl:.3f}x",
+                "n/a" if init_s is None else f"{init_s:.1f} s",
                 f"`{_common.command()}`",
                 _common.machine(),
                 _common.today(),
             )
         )
+    if args.json:
+        keys = ("weight_error", "kl", "layers", "init_seconds", "load_and_init_seconds")
+        payload = {
+            "rank": args.rank,
+            "rows": args.rows,
+            "machine": _common.machine(),
+            "date": _common.today(),
+            "results": {k: dict(zip(keys, v)) for k, v in results.items()},
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
 
 
 if __name__ == "__main__":

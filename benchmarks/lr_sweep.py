@@ -158,17 +158,22 @@ def best_lrs(ranks: list[int]) -> dict[str, list[float]]:
     return best
 
 
+def link_seed0(best: dict[str, list[float]], grid_dir: Any, out: Path) -> None:
+    """Link each "<init>-r<r>" run at its best lr and seed 0 from its grid dir (``grid_dir(r)``) into ``out``."""
+    for key, (lr,) in best.items():
+        init, r = key.rsplit("-r", 1)
+        name = run_name(init, int(r), lr, 0)
+        if not (out / name).exists():
+            os.symlink((grid_dir(r) / name).resolve(), out / name)
+
+
 def seeds(args: argparse.Namespace) -> None:
     best = best_lrs(args.ranks)
     for ds in args.datasets.split(","):
         out = RUNS / f"{ds}-seeds"
         out.mkdir(parents=True, exist_ok=True)
         if ds == "chatterbot":  # seed 0 at the best lr is already in the grid
-            for key, (lr,) in best.items():
-                init, r = key.rsplit("-r", 1)
-                name = run_name(init, int(r), lr, 0)
-                if not (out / name).exists():
-                    os.symlink((RUNS / f"chatterbot-grid-r{r}" / name).resolve(), out / name)
+            link_seed0(best, lambda r: RUNS / f"chatterbot-grid-r{r}", out)
         sweep(config(ds, args.steps, args.eval_rows), best, INITS, args.ranks, [0, 1, 2], args.steps, out)
 
 

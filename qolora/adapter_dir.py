@@ -3,7 +3,7 @@
 One writer (``write_adapter_dir``) and one reader (``read_adapter_dir``) that validates
 everything once; ``load_adapter``, both exports and ``qolora eval`` go through it. The format
 is described in docs/design.md ("File formats"). Version 1 dirs (no recorded data settings)
-are still read.
+and version 2 dirs (OLoRA and LoRA only) are still read.
 """
 
 from __future__ import annotations
@@ -22,16 +22,18 @@ import torch
 from safetensors.torch import save_file
 
 from ._io import atomic_dir, read_safetensors
+from .choices import FACTORED_INITS, INITS
 
 FORMAT = "qolora-adapter"
-FORMAT_VERSION = 2  # 2: records the data settings the adapter was trained with
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2: records the data settings; 3: pissa, loftq and iterated inits (a v2 reader would misread them)
+READABLE_VERSIONS = (1, 2, 3)
 META_FILE = "qolora.json"
 FACTORS_FILE = "initial_factors.safetensors"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 DATA_KEYS = ("train", "template", "max_length", "completion_only")
+BASE_KEYS = ("Bbase", "Abase")  # in FACTORS_FILE: loftq's base factors, beside each layer's B0 and A0
 
 _PACKAGES = ("qolora", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors")
 
@@ -51,7 +53,9 @@ class AdapterMeta:
     """The contents of ``qolora.json``.
 
     Attributes:
-        init: "olora" or "lora".
+        init: "olora", "pissa", "loftq" or "lora" (``choices.INITS``).
+        init_iters: quantization rounds of an iterated olora or of loftq (1 otherwise).
+        svd_niter: pissa's randomized-SVD power iterations; None for the exact SVD.
         init_source: the requested source ("auto", "checkpoint", "dequantized").
         layer_sources: per target layer, where W came from ("checkpoint", "dequantized", "module").
         base_model: the base model's ``name_or_path`` as loaded.
@@ -77,6 +81,13 @@ class AdapterMeta:
     quantized_modules: list[str] = field(default_factory=list)
     transposed: list[str] = field(default_factory=list)
     data: dict[str, Any] | None = None
+    init_iters: int = 1
+    svd_niter: int | None = None
+
+    @property
+    def factored(self) -> bool:
+        """True when the adapter started from factors of W (``initial_factors.safetensors`` exists)."""
+        return self.init in FACTORED_INITS
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -93,6 +104,8 @@ class AdapterMeta:
             "dtype": self.dtype,
             "init": {
                 "method": self.init,
+                "iters": self.init_iters,
+                "svd_niter": self.svd_niter,
                 "init_source": self.init_source,
                 "layer_sources": self.layer_sources,
                 "transposed": self.transposed,
@@ -136,6 +149,8 @@ class AdapterMeta:
                 dtype=d.get("dtype", "float32"),
                 adapter_name=d.get("adapter_name", "default"),
                 data=d.get("data") if version >= 2 else _v1_data(Path(adapter_dir)),
+                init_iters=int(init.get("iters", 1)),
+                svd_niter=init.get("svd_niter"),
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: missing or malformed field {e}") from e
@@ -170,6 +185,9 @@ class AdapterDir:
     tensors: dict[str, torch.Tensor]  # adapter_model.safetensors as PEFT saved it
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> (B, A)
     initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> (B0, A0)
+    # name -> the factors the frozen base's residual was taken with: ``initial``'s for olora and pissa,
+    # loftq's previous round, None where the base is W itself (loftq at one round, plain LoRA)
+    base: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=dict)
     checkpoint: Path | None = None  # set by verify_base
 
     @property
@@ -248,20 +266,38 @@ def read_adapter_dir(adapter_dir: str | os.PathLike[str]) -> AdapterDir:
             if f"{mod}.lora_B.weight" not in tensors:
                 raise ValueError(f"{adir / WEIGHTS_FILE}: {mod}.lora_B.weight is missing")
             ad.weights[mod.removeprefix(PEFT_PREFIX)] = (tensors[f"{mod}.lora_B.weight"], tensors[key])
-    if meta.init == "olora":
-        path = adir / FACTORS_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: the OLoRA initial factors are needed to rebuild the base")
-        flat = read_safetensors(path)
-        names = {k.rsplit(".", 1)[0] for k in flat}
-        try:
-            ad.initial = {n: (flat[f"{n}.B0"], flat[f"{n}.A0"]) for n in names}
-        except KeyError as e:
-            raise ValueError(f"{path}: missing tensor {e}") from e
-        missing = sorted(set(ad.weights) - names)
-        if missing:
-            raise ValueError(f"{path}: no initial factors for {len(missing)} adapter layers (first: {missing[0]})")
+    if meta.init not in INITS:
+        raise ValueError(f"{ad.meta_path}: init method {meta.init!r} is not one of {', '.join(INITS)}")
+    if meta.factored:
+        _read_factors(ad)
+    else:
+        ad.base = dict.fromkeys(ad.weights)
     return ad
+
+
+def _read_factors(ad: AdapterDir) -> None:
+    path = ad.dir / FACTORS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the {ad.meta.init} initial factors are needed to rebuild the base")
+    flat = read_safetensors(path)
+    names = {k.removesuffix(".B0") for k in flat if k.endswith(".B0")}
+    try:
+        ad.initial = {n: (flat[f"{n}.B0"], flat[f"{n}.A0"]) for n in names}
+    except KeyError as e:
+        raise ValueError(f"{path}: missing tensor {e}") from e
+    missing = sorted(set(ad.weights) - names)
+    if missing:
+        raise ValueError(f"{path}: no initial factors for {len(missing)} adapter layers (first: {missing[0]})")
+    if ad.meta.init != "loftq":
+        ad.base = dict(ad.initial)
+        return
+    with_base = {n for n in names if f"{n}.{BASE_KEYS[0]}" in flat}
+    if ad.meta.init_iters > 1 and with_base != names:
+        first = sorted(names - with_base)[0]
+        raise ValueError(
+            f"{path}: loftq with {ad.meta.init_iters} rounds but no {first}.{BASE_KEYS[0]} (its base's factors)"
+        )
+    ad.base = {n: (flat[f"{n}.{BASE_KEYS[0]}"], flat[f"{n}.{BASE_KEYS[1]}"]) if n in with_base else None for n in names}
 
 
 def write_adapter_dir(
@@ -269,12 +305,20 @@ def write_adapter_dir(
     save_peft: Callable[[Path], None],
     meta: AdapterMeta,
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    base_factors: dict[str, tuple[torch.Tensor, torch.Tensor] | None] | None = None,
 ) -> Path:
     """Write an adapter dir atomically: ``save_peft(tmp)`` writes PEFT's files, then the factors
-    and ``qolora.json``. An interrupted write never leaves a dir that looks complete."""
+    and ``qolora.json``. An interrupted write never leaves a dir that looks complete.
+
+    Args:
+        factors: per layer the initial (B0, A0).
+        base_factors: per layer the factors the base's residual was taken with, where they are not
+            ``factors`` (loftq); None entries (base = W) are recorded by their absence.
+    """
     out = Path(out)
     # about what it takes: the factors, an adapter of the same size, 1 MiB of config and metadata
-    need = 2 * sum(t.numel() * t.element_size() for pair in factors.values() for t in pair) + 2**20 if factors else None
+    pairs = [*factors.values(), *(p for p in (base_factors or {}).values() if p is not None)]
+    need = 2 * sum(t.numel() * t.element_size() for pair in pairs for t in pair) + 2**20 if factors else None
     with atomic_dir(out, need_bytes=need) as tmp:
         save_peft(tmp)
         if factors:
@@ -282,6 +326,10 @@ def write_adapter_dir(
             for name, (B0, A0) in factors.items():
                 tensors[f"{name}.B0"] = B0.detach().cpu().contiguous()
                 tensors[f"{name}.A0"] = A0.detach().cpu().contiguous()
+            for name, pair in (base_factors or {}).items():
+                if pair is not None:
+                    tensors[f"{name}.{BASE_KEYS[0]}"] = pair[0].detach().cpu().contiguous()
+                    tensors[f"{name}.{BASE_KEYS[1]}"] = pair[1].detach().cpu().contiguous()
             save_file(tensors, str(tmp / FACTORS_FILE), metadata={"format": "qolora-initial-factors"})
         meta.write(tmp)
     return out

@@ -14,8 +14,9 @@ from torch import nn
 
 from . import quant
 from .adapter_dir import FACTORS_FILE, WEIGHTS_FILE, AdapterDir, AdapterMeta, read_adapter_dir, write_adapter_dir
-from .choices import INIT_SOURCES
-from .initialize import init_olora_, iter_targets, restore_olora_
+from .choices import FACTORED_INITS, INIT_SOURCES
+from .initialize import init_factored_, iter_targets, restore_olora_
+from .inits import InitSpec
 from .precision import dtype_name
 from .report import InitReport
 
@@ -33,15 +34,33 @@ class QoloraState:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     report: InitReport | None = None
     on_residual_of: str | None = None  # a plain adapter added on this OLoRA adapter's residual base
+    base_factors: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=dict)  # loftq's
 
 
-def _init_kind(lora_config: LoraConfig) -> str:
-    init = lora_config.init_lora_weights
-    if isinstance(init, str) and init.lower() == "olora":
-        return "olora"
-    if init is True or (isinstance(init, str) and init.lower() == "lora"):
-        return "lora"
-    raise ValueError(f"init_lora_weights: QOLoRA supports 'olora' and True/'lora', got {init!r}")
+def _init_spec(lora_config: LoraConfig, init: str | None, init_iters: int | None, svd_niter: int | None) -> InitSpec:
+    """The init to run: ``init`` if given, else PEFT's ``init_lora_weights`` ("olora", "pissa",
+    "pissa_niter_K", "loftq" with its ``loftq_config.loftq_iter``, True / "lora")."""
+    if init is None:
+        value = lora_config.init_lora_weights
+        name = value.lower() if isinstance(value, str) else value
+        if name is True or name == "lora":
+            init = "lora"
+        elif isinstance(name, str) and name.startswith("pissa_niter_") and name[12:].isdigit():
+            init, svd_niter = "pissa", int(name[12:]) if svd_niter is None else svd_niter
+        elif name in FACTORED_INITS:
+            init = name
+        else:
+            raise ValueError(
+                f"init_lora_weights: QOLoRA supports {', '.join(repr(i) for i in FACTORED_INITS)}, 'pissa_niter_K' and "
+                f"True/'lora', got {value!r}"
+            )
+        if init == "loftq" and init_iters is None:
+            loftq = lora_config.loftq_config or {}
+            if int(loftq.get("loftq_bits", 4)) != 4:
+                got = loftq["loftq_bits"]
+                raise ValueError(f"loftq_config.loftq_bits: QOLoRA's LoftQ runs on the 4-bit base, got {got}")
+            init_iters = int(loftq.get("loftq_iter", 1))
+    return InitSpec(init, 1 if init_iters is None else init_iters, svd_niter)
 
 
 def _check_config(lora_config: LoraConfig) -> None:
@@ -148,8 +167,11 @@ def get_qolora_model(
     checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
     balance: bool = False,
+    init: str | None = None,
+    init_iters: int | None = None,
+    svd_niter: int | None = None,
 ) -> PeftModel:
-    """Wrap ``model`` in a standard ``peft.PeftModel``, OLoRA-initialized exactly.
+    """Wrap ``model`` in a standard ``peft.PeftModel``, OLoRA- (or PiSSA-, LoftQ-) initialized exactly.
 
     A drop-in for ``peft.get_peft_model(model, LoraConfig(init_lora_weights="olora"))``, with
     QR on the original weights (streamed from the checkpoint), a thin QR, the quantization
@@ -165,28 +187,43 @@ def get_qolora_model(
         progress: show a progress bar.
         balance: rescale each OLoRA component to equal factor norms (``olora.balance_factors``):
             the same B·A and base, factors no longer equal PEFT's. Ignored for plain LoRA.
+        init: "olora", "pissa", "loftq" or "lora", instead of ``init_lora_weights`` (PEFT's
+            ``LoraConfig`` needs scipy to even accept "loftq").
+        init_iters: quantization rounds T of an iterated olora or of loftq (default 1; loftq:
+            ``loftq_config.loftq_iter``); both need a 4-bit base beyond one round.
+        svd_niter: pissa by ``torch.svd_lowrank`` with this many power iterations (PEFT's
+            "pissa_niter_K"); default the exact SVD.
 
     Returns:
         A ``peft.PeftModel``; ``model.qolora_states[adapter_name].report`` is the init report.
     """
-    kind = _init_kind(lora_config)
+    spec = _init_spec(lora_config, init, init_iters, svd_niter)
     _check_config(lora_config)
     if init_source not in INIT_SOURCES:
         raise ValueError(f"init_source: expected one of {INIT_SOURCES}, got {init_source!r}")
     _check_base(model)
     check_ranks(model, lora_config)
+    if (spec.method == "loftq" or spec.iters > 1) and not any(quant.is_4bit(m) for m in model.modules()):
+        raise ValueError(
+            f"adapter.init {spec.label}: its rounds refit to what 4-bit quantization loses, and this base is not "
+            "quantized; load it in 4-bit (quant.type nf4) or use olora / pissa with one round"
+        )
     cfg = copy.deepcopy(lora_config)
-    cfg.init_lora_weights = False if kind == "olora" else True
+    cfg.init_lora_weights = False if spec.factored else True
     peft_model = _get_peft_model(model, cfg, adapter_name)
-    peft_model.peft_config[adapter_name].init_lora_weights = lora_config.init_lora_weights
-    if kind == "olora":
-        result = init_olora_(peft_model, adapter_name, init_source, checkpoint, progress, balance)
-        meta = _base_meta(model, kind, init_source, result.checkpoint)
+    recorded = lora_config.init_lora_weights if init is None else spec.peft_name
+    if recorded == "loftq" and not lora_config.loftq_config:  # PEFT's LoraConfig refuses "loftq" without one
+        recorded = True
+    peft_model.peft_config[adapter_name].init_lora_weights = recorded
+    if spec.factored:
+        result = init_factored_(peft_model, spec, adapter_name, init_source, checkpoint, progress, balance)
+        meta = _base_meta(model, spec.method, init_source, result.checkpoint)
         meta.layer_sources = {x.name: x.source for x in result.report.layers}
         meta.transposed = sorted(result.transposed)
-        state = QoloraState(meta, result.factors, result.report)
+        meta.init_iters, meta.svd_niter = spec.iters, spec.svd_niter
+        state = QoloraState(meta, result.factors, result.report, base_factors=result.base_factors)
     else:
-        state = QoloraState(_base_meta(model, kind, init_source, None))
+        state = QoloraState(_base_meta(model, spec.method, init_source, None))
     state.meta.adapter_name = adapter_name
     peft_model.qolora_states = {adapter_name: state}
     _guard_add_adapter(peft_model)
@@ -221,9 +258,10 @@ def _guard_add_adapter(peft_model: Any) -> None:
 
     def add_adapter(adapter_name: str, peft_config: Any, *args: Any, **kwargs: Any) -> Any:
         init = getattr(peft_config, "init_lora_weights", True)
-        olora = [name for name, s in peft_model.qolora_states.items() if s.meta.init == "olora"]
+        olora = [name for name, s in peft_model.qolora_states.items() if s.meta.factored]
         copy_of = None
-        if isinstance(init, str) and init.lower() == "olora" and olora:
+        same = olora and isinstance(init, str) and init.lower() == _peft_name(peft_model.qolora_states[olora[0]].meta)
+        if same:
             copy_of = olora[0]  # OLoRA on this base is its initial factors: no QR, no base rewrite
             peft_config = copy.deepcopy(peft_config)
             peft_config.init_lora_weights = False
@@ -283,6 +321,12 @@ def _set_initial_factors_(peft_model: Any, adapter_name: str, source: QoloraStat
         ) from e
 
 
+def _peft_name(meta: AdapterMeta) -> str:
+    """The ``init_lora_weights`` string that names this adapter's init in PEFT."""
+    name = InitSpec(meta.init, meta.init_iters, meta.svd_niter).peft_name
+    return str(name).lower()
+
+
 def _state(model: nn.Module, adapter_name: str) -> QoloraState:
     states = getattr(model, "qolora_states", None)
     if not states or adapter_name not in states:
@@ -312,7 +356,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike[str], adapter_name
                 f.rename(tmp / f.name)
             (tmp / adapter_name).rmdir()
 
-    out = write_adapter_dir(out_dir, save_peft, state.meta, state.factors)
+    out = write_adapter_dir(out_dir, save_peft, state.meta, state.factors, state.base_factors)
     logger.info("saved adapter %r to %s", adapter_name, out)
     return out
 
@@ -374,16 +418,16 @@ def load_adapter(
         raise ValueError(f"{meta_path}: adapter was made on a {'4-bit' if meta.quant else 'unquantized'} base")
     cfg = LoraConfig.from_pretrained(str(ad.dir))
     recorded_init = cfg.init_lora_weights
-    cfg.init_lora_weights = False if meta.init == "olora" else True
+    cfg.init_lora_weights = False if meta.factored else True
     cfg.inference_mode = not is_trainable
     name = meta.adapter_name
     peft_model = _get_peft_model(base_model, cfg, name)
-    if meta.init == "olora":
+    if meta.factored:
         try:
             restore_olora_(
                 peft_model,
                 name,
-                ad.initial,
+                ad.base,
                 meta.layer_sources,
                 str(folder) if folder else None,
                 progress,
@@ -397,7 +441,8 @@ def load_adapter(
         for p in peft_model.parameters():
             p.requires_grad_(False)
         peft_model.eval()
-    peft_model.qolora_states = {name: QoloraState(meta, ad.initial)}
+    base_factors = {} if meta.init != "loftq" else dict(ad.base)
+    peft_model.qolora_states = {name: QoloraState(meta, ad.initial, base_factors=base_factors)}
     _guard_add_adapter(peft_model)
     return peft_model
 

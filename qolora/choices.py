@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-INITS = ("olora", "lora")
+INITS = ("olora", "pissa", "loftq", "lora")
+FACTORED_INITS = ("olora", "pissa", "loftq")  # the adapter starts from factors of W; the base holds a residual
 INIT_SOURCES = ("auto", "checkpoint", "dequantized")  # where OLoRA's W comes from (initialize.WeightSource)
 QUANT_TYPES = ("nf4", "fp4", "none")
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch")  # paged_* need CUDA

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -28,10 +29,11 @@ def _init(args: argparse.Namespace) -> int:
         lora_alpha=args.alpha if args.alpha is not None else args.r,
         lora_dropout=args.dropout,
         target_modules=targets,
-        init_lora_weights="olora" if args.init == "olora" else True,
         task_type="CAUSAL_LM",
     )
-    peft_model = get_qolora_model(model, cfg, init_source=args.init_source)
+    peft_model = get_qolora_model(
+        model, cfg, init_source=args.init_source, init=args.init, init_iters=args.init_iters, svd_niter=args.svd_niter
+    )
     report = peft_model.qolora_states["default"].report
     if report is not None:
         print(report)
@@ -207,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dropout", type=float, default=0.0)
     q.add_argument("--target-modules", default="all-linear", help="'all-linear' or comma-separated names")
     q.add_argument("--init", choices=INITS, default="olora")
+    q.add_argument("--init-iters", type=int, default=None, help="olora / loftq: quantization rounds T (default 1)")
+    q.add_argument("--svd-niter", type=int, default=None, help="pissa: randomized SVD power iterations")
     q.add_argument("--init-source", choices=INIT_SOURCES, default="auto")
     q.add_argument("--compute-dtype", default="auto", help="auto, float32, bfloat16 or float16")
     q.add_argument("--no-quant", action="store_true", help="keep the base unquantized")
@@ -271,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
     s.add_argument("--lrs", default="3e-5,1e-4,3e-4,1e-3", help="comma-separated learning rates")
-    s.add_argument("--inits", default="olora,lora", help="comma-separated: olora, lora")
+    s.add_argument(
+        "--inits", default="olora,lora", help="comma-separated: olora, pissa, loftq, lora; -tT rounds (olora-t4)"
+    )
     s.add_argument("--ranks", default=None, help="comma-separated ranks (default: the config's)")
     s.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's)")
     s.add_argument("--steps", type=int, default=None, help="steps per run (default: train.max_steps)")
@@ -329,6 +335,18 @@ def _end_progress_bars() -> None:
         bar.close()
 
 
+def _say(line: str) -> None:
+    """One line to stderr in one write: the ranks of a job share the launcher's stderr, and a line
+    written in parts can interleave with another rank's (one write of <= PIPE_BUF bytes is atomic)."""
+    sys.stderr.flush()
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured or replaced stderr
+        print(line, file=sys.stderr)
+        return
+    os.write(fd, (line + "\n").encode("utf-8", "backslashreplace"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose, args.command)
@@ -341,14 +359,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         _end_progress_bars()
         from .distributed import rank_prefix
 
-        print(f"qolora {args.command}: {rank_prefix()}{e}", file=sys.stderr)
+        _say(f"qolora {args.command}: {rank_prefix()}{e}")
         return e.exit_code
     except (ValueError, OSError, ExternalToolError) as e:  # FileNotFoundError and FileExistsError are OSErrors
         _end_progress_bars()
         msg = " ".join(str(e).split())  # one line, also for libraries' multi-line messages
         from .distributed import rank_prefix
 
-        print(f"qolora {args.command}: error: {rank_prefix()}{msg}", file=sys.stderr)
+        _say(f"qolora {args.command}: error: {rank_prefix()}{msg}")
         return 2
 
 

@@ -16,6 +16,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from .choices import DISTRIBUTED_MODES, DTYPE_NAMES, INIT_SOURCES, INITS, QUANT_TYPES, REPORT_TO, TRAIN_OPTIMIZERS
+from .inits import InitSpec
 from .training.formats import FORMAT_NAMES
 
 CONFIG_VERSION = 1
@@ -51,7 +52,17 @@ class QuantConfig:
 @dataclass
 class AdapterConfig:
     init: Literal[INITS] = _f(
-        "olora", "adapter init: olora (QR of the original weight) or lora (PEFT's default: B = 0)"
+        "olora",
+        "adapter init: olora (QR of the original weight), pissa (its top-r SVD: QPiSSA), loftq (quantize, then "
+        "refit B·A to what quantization lost) or lora (PEFT's default: B = 0); README, 'Which init?'",
+    )
+    init_iters: int = _f(
+        1,
+        "olora and loftq: quantization rounds T; between rounds the factors are refit to what quantizing the "
+        "residual lost (olora keeps B orthonormal; 1 = plain OLoRA). Needs a 4-bit base above 1",
+    )
+    svd_niter: int | None = _f(
+        None, "pissa only: randomized SVD (torch.svd_lowrank) with this many power iterations; null = exact SVD"
     )
     r: int = _f(16, "adapter rank")
     alpha: float = _f(16.0, "LoRA alpha; the adapter's scale is alpha / r")
@@ -72,6 +83,10 @@ class AdapterConfig:
             raise ConfigError(f"adapter.alpha: must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"adapter.dropout: must be in [0, 1), got {self.dropout}")
+        try:
+            InitSpec(self.init, self.init_iters, self.svd_niter)
+        except ValueError as e:
+            raise ConfigError(f"adapter.{e}") from e
 
 
 @dataclass
@@ -196,6 +211,12 @@ class Config:
             raise ConfigError("model: required (a local HF model folder or a cached hub id)")
         if self.version != CONFIG_VERSION:
             raise ConfigError(f"version: this QOLoRA reads config version {CONFIG_VERSION}, got {self.version}")
+        a = self.adapter
+        if self.quant.type == "none" and (a.init == "loftq" or a.init_iters > 1):
+            raise ConfigError(
+                f"adapter.init: {a.init} with {a.init_iters} round(s) refits to what 4-bit quantization loses; "
+                "quant.type is none (set quant.type: nf4, or use olora / pissa with init_iters 1)"
+            )
 
 
 SOURCE_KEYS = ("path", "max_rows", "fraction")

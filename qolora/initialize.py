@@ -1,4 +1,4 @@
-"""Per-layer OLoRA initialization of a PEFT LoRA model, and its exact replay at reload.
+"""Per-layer factored initialization (OLoRA, PiSSA, LoftQ) of a PEFT LoRA model, and its exact replay at reload.
 
 Each target layer is handled on its own: fetch W (one tensor), factor, write the residual,
 drop W. Extra memory is therefore about one layer's float32 weight (docs/design.md, invariant 5).
@@ -6,6 +6,7 @@ drop W. Extra memory is therefore about one layer's float32 weight (docs/design.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -20,7 +21,8 @@ from tqdm.auto import tqdm
 
 from . import quant
 from .choices import INIT_SOURCES
-from .olora import balance_factors, check_rank, olora_factors, subtract_lowrank_
+from .inits import InitSpec, Roundtrip, factor
+from .olora import balance_factors, check_rank, subtract_lowrank_
 from .report import InitReport, LayerReport
 
 logger = logging.getLogger(__name__)
@@ -177,12 +179,14 @@ class WeightSource:
 
 @dataclass
 class InitResult:
-    """What ``init_olora_`` produced: the report, the initial factors, the checkpoint used."""
+    """What ``init_factored_`` produced: the report, the initial factors, the base's factors where they
+    differ from the initial ones (loftq), the checkpoint used."""
 
     report: InitReport
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     checkpoint: Path | None = None
     transposed: set[str] = field(default_factory=set)
+    base_factors: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=dict)
 
 
 def _write_base_(t: Target, W_res: torch.Tensor) -> None:
@@ -199,6 +203,21 @@ def _rel(x: torch.Tensor, ref_norm: float) -> float:
     return float(torch.linalg.vector_norm(x)) / ref_norm if ref_norm > 0 else 0.0
 
 
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A factor's value in the adapter dtype, as float32 (the residual is taken from it)."""
+    return x.to(dtype).to(torch.float32)
+
+
+def _roundtrip(t: Target) -> Roundtrip:
+    """What the layer's base would hold for a residual: its own NF4 settings, or its dtype's cast."""
+    base = t.base
+    if quant.is_4bit(base):
+        settings = quant.quant_settings(base)
+        return lambda X: quant.roundtrip(X, settings)
+    dtype = base.weight.dtype
+    return lambda X: X.to(dtype).to(torch.float32)
+
+
 def init_olora_(
     peft_model: nn.Module,
     adapter_name: str = "default",
@@ -207,23 +226,38 @@ def init_olora_(
     progress: bool = True,
     balance: bool = False,
 ) -> InitResult:
-    """OLoRA-initialize every LoRA layer of ``adapter_name``; rewrites the frozen base in place.
+    """OLoRA-initialize every LoRA layer of ``adapter_name``: ``init_factored_`` with plain OLoRA."""
+    return init_factored_(peft_model, InitSpec("olora"), adapter_name, init_source, checkpoint, progress, balance)
 
-    Per layer: W from ``WeightSource``; B, A = ``olora_factors(W, r)`` (with ``balance``, then
-    ``balance_factors``: same product, rescaled per component) cast to the adapter dtype;
-    base ← W − s·B·A (quantized once on a 4-bit base).
+
+def init_factored_(
+    peft_model: nn.Module,
+    spec: InitSpec,
+    adapter_name: str = "default",
+    init_source: str = "auto",
+    checkpoint: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    balance: bool = False,
+) -> InitResult:
+    """Initialize every LoRA layer of ``adapter_name`` by ``spec``; rewrites the frozen base in place.
+
+    Per layer: W from ``WeightSource``; B, A and the base's factors from ``inits.factor`` (with
+    ``balance``, then ``balance_factors``: same product, rescaled per component) cast to the adapter
+    dtype; base ← W − s·base_B·base_A (quantized once on a 4-bit base). One layer's W and two
+    (out, in) float32 temporaries are alive at a time (docs/design.md, invariant 5).
 
     Note:
-        The reported error uses ‖W_res − base‖, which equals ‖W − (base + s·B·A)‖ up to the
-        float32 rounding of the subtraction, and saves a second (out, in) matmul per layer.
+        The reported error uses ‖W_res − base‖ for olora and pissa, which equals ‖W − (base + s·B·A)‖
+        up to the float32 rounding of the subtraction and saves a second (out, in) matmul per layer;
+        loftq's adapter factors are not its residual's, so its error is measured in full.
     """
     source = WeightSource(peft_model.base_model.model, init_source, checkpoint)
-    result = InitResult(InitReport("olora", init_source), checkpoint=source.folder)
+    result = InitResult(InitReport(spec.label, init_source), checkpoint=source.folder)
     targets = list(iter_targets(peft_model, adapter_name))
     if not targets:
         raise ValueError(f"adapter {adapter_name!r} has no LoRA layers; check target_modules")
     t_all = time.perf_counter()
-    for t in tqdm(targets, desc="OLoRA init", unit="layer", disable=not progress):
+    for t in tqdm(targets, desc=f"{spec.label} init", unit="layer", disable=not progress):
         t0 = time.perf_counter()
         r, scale = int(t.lora.r[adapter_name]), float(t.lora.scaling[adapter_name])
         check_rank(r, t.shape(), t.name)
@@ -231,22 +265,43 @@ def init_olora_(
         w_norm = float(torch.linalg.vector_norm(W))
         qlora_err = _rel(W4.sub_(W), w_norm) if W4 is not None else 0.0
         del W4
-        B, A = olora_factors(W, r)
-        if balance:
-            B, A = balance_factors(B, A)
         lora_A, lora_B = t.lora.lora_A[adapter_name].weight, t.lora.lora_B[adapter_name].weight
+
+        try:
+            f = factor(W, r, scale, spec, _roundtrip(t), functools.partial(_cast, dtype=lora_A.dtype))
+        except ValueError as e:
+            raise ValueError(f"{t.name}: {e}") from e
+        B, A = balance_factors(f.B, f.A) if balance else (f.B, f.A)
         lora_A.data = A.to(device=lora_A.device, dtype=lora_A.dtype)
         lora_B.data = B.to(device=lora_B.device, dtype=lora_B.dtype)
-        subtract_lowrank_(W, lora_B.detach(), lora_A.detach(), scale)
+        W_orig = W.clone() if spec.method == "loftq" else None
+        if f.base_B is f.B:  # the residual of the adapter's own factors, as stored
+            subtract_lowrank_(W, lora_B.detach(), lora_A.detach(), scale)
+        elif f.base_B is not None:
+            subtract_lowrank_(W, f.base_B, f.base_A, scale)
         _write_base_(t, W)
-        err = _stored_error(t, W, w_norm)
-        del W
+        err = _stored_error(t, W, w_norm) if W_orig is None else _model_error(t, W_orig, lora_B, lora_A, scale)
+        del W, W_orig
         result.factors[t.name] = (lora_B.detach().clone(), lora_A.detach().clone())
+        if f.base_B is not f.B:
+            result.base_factors[t.name] = None if f.base_B is None else (f.base_B.clone(), f.base_A.clone())
         result.report.layers.append(LayerReport(t.name, t.shape(), src, time.perf_counter() - t0, err, qlora_err))
     result.report.seconds = time.perf_counter() - t_all
     result.transposed = set(source.transposed)
     logger.info("%s", result.report)
     return result
+
+
+def _model_error(t: Target, W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float) -> float:
+    """‖W − (stored base + s·B·A)‖ / ‖W‖ in full."""
+    base = t.base
+    if quant.is_4bit(base):
+        held = quant.dequantize(base)
+    else:
+        w = base.weight.detach()
+        held = (w.T if t.fan_in_fan_out else w).to(torch.float32)
+    held.addmm_(B.detach().to(torch.float32), A.detach().to(torch.float32), alpha=scale)
+    return _rel(held.sub_(W), float(torch.linalg.vector_norm(W)))
 
 
 def _stored_error(t: Target, W_res: torch.Tensor, w_norm: float) -> float:
@@ -263,16 +318,20 @@ def _stored_error(t: Target, W_res: torch.Tensor, w_norm: float) -> float:
 def restore_olora_(
     peft_model: nn.Module,
     adapter_name: str,
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor] | None],
     sources: dict[str, str],
     checkpoint: str | os.PathLike[str] | None,
     progress: bool = True,
     origin: str = "initial factors",
 ) -> None:
-    """Rebuild the residual base from recorded initial factors: no QR (docs/design.md, invariant 6).
+    """Rebuild the residual base from recorded factors: no QR or SVD (docs/design.md, invariant 6).
 
-    Replays exactly what ``init_olora_`` did per layer, with the same source for W, so the
+    Replays exactly what ``init_factored_`` did per layer, with the same source for W, so the
     base is bit-identical to the one the adapter was trained on.
+
+    Args:
+        factors: per layer, the factors the base's residual was taken with (the initial factors for
+            olora and pissa; loftq's previous round, or None where the base is W itself).
 
     Raises:
         ValueError: when the layers do not match the recorded ones; the message starts with
@@ -290,9 +349,10 @@ def restore_olora_(
         )
     if unknown:
         raise ValueError(f"{origin}: factors for layers the model does not have: {unknown[:3]}")
-    for t in tqdm(targets, desc="OLoRA restore", unit="layer", disable=not progress):
-        B0, A0 = factors[t.name]
+    for t in tqdm(targets, desc="QOLoRA restore", unit="layer", disable=not progress):
         W, _, _ = source.get(t, require=sources[t.name])
-        subtract_lowrank_(W, B0.to(W.device), A0.to(W.device), float(t.lora.scaling[adapter_name]))
+        pair = factors[t.name]
+        if pair is not None:
+            subtract_lowrank_(W, pair[0].to(W.device), pair[1].to(W.device), float(t.lora.scaling[adapter_name]))
         _write_base_(t, W)
         del W

@@ -198,6 +198,15 @@ def add_trainer_callback(monkeypatch, callback) -> None:
     monkeypatch.setattr(run, "build_trainer", build_with_callback)
 
 
+def assert_same_state(ours: torch.nn.Module, ref: torch.nn.Module, n_lora: int, tol: float = 1e-5) -> None:
+    """Every tensor of ``ours`` within ``tol`` of ``ref``'s (a PEFT reference), ``n_lora`` of them LoRA factors."""
+    ours_sd, ref_sd = ours.state_dict(), ref.state_dict()
+    assert ours_sd.keys() == ref_sd.keys()
+    for k, v in ref_sd.items():
+        assert (ours_sd[k] - v).abs().max() <= tol, k
+    assert sum("lora_" in k for k in ref_sd) == n_lora
+
+
 def perturb_lora_(model: torch.nn.Module, scale: float = 0.01) -> torch.nn.Module:
     """Move every LoRA weight away from its init, as training would."""
     with torch.no_grad():

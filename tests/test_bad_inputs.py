@@ -171,7 +171,7 @@ CASES: list[Case] = [
     ("empty file", _empty_file, "empty.jsonl: no rows"),
     ("unknown override", lambda r, c, *_: _train(r, c) + ["train.speed=3"], "train.speed: unknown key"),
     ("bad lr", lambda r, c, *_: _train(r, c, train={"lr": -1.0}), "train.lr: must be > 0"),
-    ("unknown init", lambda r, c, *_: _train(r, c, adapter={"init": "pissa"}), "adapter.init: expected one of"),
+    ("unknown init", lambda r, c, *_: _train(r, c, adapter={"init": "corda"}), "adapter.init: expected one of"),
     (
         "unknown target",
         lambda r, c, *_: _train(r, c, adapter={"target_modules": ["qkv"]}),

@@ -27,7 +27,7 @@ def test_defaults_and_overrides(tmp_path) -> None:
         ("train.lrr=1", "train.lrr: unknown key"),
         ("train.lr=fast", "train.lr: expected float"),
         ("train.batch_size=0", "train.batch_size: must be >= 1"),
-        ("adapter.init=pissa", "adapter.init: expected one of"),
+        ("adapter.init=corda", "adapter.init: expected one of"),
         ("quant.compute_dtype=float8", "quant.compute_dtype"),
         ("adapter.r=true", "adapter.r: expected int"),
         ("bogus=1", "bogus: unknown key"),

@@ -77,6 +77,39 @@ def test_factors_on_the_device_equal_peft_olora(record) -> None:
     record(factors=worst, bound=1e-5)
 
 
+def test_pissa_and_loftq_factors_on_the_device_equal_peft(record) -> None:
+    """pissa (exact SVD) equals PEFT's ``init_lora_weights="pissa"``, and loftq at one round PEFT's own
+    ``loftq_init`` (which runs on CUDA only: on the CPU rehearsal its part is recorded as skipped)."""
+    from peft import get_peft_model
+    from peft.utils.loftq_utils import loftq_init
+
+    from qolora.inits import InitSpec, factor
+
+    W = torch.randn(256, 128, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    lin = torch.nn.Sequential(torch.nn.Linear(128, 256, bias=False)).to(DEVICE)
+    with torch.no_grad():
+        lin[0].weight.copy_(W)
+    layer = get_peft_model(lin, LoraConfig(r=16, lora_alpha=32, target_modules=["0"], init_lora_weights="pissa"))
+    layer = layer.base_model.model[0]
+    got = factor(W, 16, 2.0, InitSpec("pissa"), lambda x: x, lambda x: x)
+    d_pissa = max(
+        float((got.B - layer.lora_B["default"].weight.detach()).abs().max()),
+        float((got.A - layer.lora_A["default"].weight.detach()).abs().max()),
+    )
+    assert d_pissa <= 1e-5, d_pissa
+    result = {"pissa_max_abs_diff": d_pissa, "bound": 1e-5}
+    if DEVICE == "cuda":
+        settings = quant.QuantSettings("nf4", 64, False, torch.uint8, torch.float32)  # PEFT's Params4bit defaults
+        ours = factor(W, 16, 1.0, InitSpec("loftq"), lambda x: quant.roundtrip(x, settings), lambda x: x)
+        _, lora_A, lora_B = loftq_init(W.clone(), num_bits=4, reduced_rank=16, num_iter=1)
+        d_loftq = max(float((ours.B - lora_B).abs().max()), float((ours.A - lora_A).abs().max()))
+        assert d_loftq <= 1e-5, d_loftq
+        result["loftq_max_abs_diff"] = d_loftq
+    else:
+        result["loftq"] = "skipped: PEFT's loftq_init moves the weight to CUDA"
+    record(**result)
+
+
 def test_kernel_self_check_passes_in_bf16(llama_dir, record) -> None:
     from qolora.quant.check import check_kernel, tolerance
 

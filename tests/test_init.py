@@ -16,7 +16,7 @@ import qolora
 from qolora import quant
 from qolora.initialize import WeightSource
 
-from .conftest import logits
+from .conftest import assert_same_state, logits
 
 
 def _cfg(r: int = 8, alpha: int | None = None, init: object = "olora", **kw: object) -> LoraConfig:
@@ -29,14 +29,7 @@ def _fp32(folder) -> torch.nn.Module:
 
 def test_unquantized_matches_peft_olora(llama_dir) -> None:
     ours = qolora.get_qolora_model(_fp32(llama_dir), _cfg(alpha=16), progress=False)
-    ref = get_peft_model(_fp32(llama_dir), _cfg(alpha=16))
-    ours_sd, ref_sd = ours.state_dict(), ref.state_dict()
-    assert ours_sd.keys() == ref_sd.keys()
-    n_lora = 0
-    for k, v in ref_sd.items():
-        assert (ours_sd[k] - v).abs().max() <= 1e-5, k
-        n_lora += "lora_" in k
-    assert n_lora == 28
+    assert_same_state(ours, get_peft_model(_fp32(llama_dir), _cfg(alpha=16)), n_lora=28)
 
 
 def test_unquantized_fp32_init_preserves_outputs(llama_dir, tokens) -> None:
@@ -194,7 +187,7 @@ def test_init_streams_one_layer_at_a_time(llama_dir, monkeypatch) -> None:
     [
         ({"r": 65}, "exceeds min"),
         ({"use_dora": True}, "use_dora"),
-        ({"init": "pissa"}, "init_lora_weights"),
+        ({"init": "corda"}, "init_lora_weights"),
     ],
 )
 def test_bad_configs_are_refused(llama_dir, kw, msg) -> None:

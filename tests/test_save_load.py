@@ -80,7 +80,8 @@ def test_metadata_records_base_and_settings(base_copy, tmp_path) -> None:
     model = qolora.get_qolora_model(quant.load_quantized(base_copy), _cfg(), progress=False)
     qolora.save_adapter(model, tmp_path / "a")
     meta = json.loads((tmp_path / "a" / "qolora.json").read_text())
-    assert meta["format_version"] == 2 and meta["data"] is None  # not made by qolora train
+    assert meta["format_version"] == 3 and meta["data"] is None  # not made by qolora train
+    assert meta["init"]["method"] == "olora" and meta["init"]["iters"] == 1 and meta["init"]["svd_niter"] is None
     assert meta["base_model"]["checkpoint"] == str(base_copy.resolve())
     assert meta["base_model"]["name_or_path"] == str(base_copy)  # not the last module's name ("lm_head")
     assert "model.safetensors" in meta["base_model"]["fingerprint"]["files"]
@@ -160,9 +161,9 @@ def test_format_1_dirs_still_load_and_take_data_settings_from_the_run(base_copy,
     assert read_adapter_dir(path.parent).meta.data == {"train": "t.jsonl", "template": "plain", "max_length": 64}
     x = torch.randint(0, 128, (1, 12))
     assert torch.equal(logits(qolora.load_adapter(path.parent, progress=False), x), logits(model, x))
-    meta["format_version"] = 3
+    meta["format_version"] = 4
     path.write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="format_version 3 is not supported"):
+    with pytest.raises(ValueError, match="format_version 4 is not supported"):
         read_adapter_dir(path.parent)
 
 

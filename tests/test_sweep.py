@@ -169,5 +169,9 @@ def test_sweep_cli_errors_are_one_line(chat_model_dir, tmp_path, capsys) -> None
     assert capsys.readouterr().err.strip() == "qolora sweep: error: --lrs: 'oops' is not a float"
     assert main(["sweep", str(cfg), "--lrs", "1e-4,-1"]) == 2
     assert capsys.readouterr().err.strip() == "qolora sweep: error: --lrs: -1.0 is out of range"
-    assert main(["sweep", str(cfg), "--inits", "pissa"]) == 2
-    assert "--inits: expected olora and/or lora, got 'pissa'" in capsys.readouterr().err
+    assert main(["sweep", str(cfg), "--inits", "corda"]) == 2
+    assert "--inits: expected olora, pissa, loftq, lora (olora-t4, loftq-t4, pissa-niter4), got 'corda'" in (
+        capsys.readouterr().err
+    )
+    assert main(["sweep", str(cfg), "--inits", "pissa-t2"]) == 2
+    assert "--inits pissa-t2: init_iters: 2 rounds are for olora and loftq; pissa has none" in capsys.readouterr().err

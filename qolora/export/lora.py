@@ -55,7 +55,7 @@ def export_lora(
     rslora = bool(c.get("use_rslora"))
     tensors: dict[str, torch.Tensor] = {}
     for name, (B, A) in parts.weights.items():
-        if parts.meta.init == "olora":
+        if parts.meta.factored:
             B0, A0 = parts.initial[name]
             B, A = torch.cat([B, -B0.to(B.dtype)], dim=1), torch.cat([A, A0.to(A.dtype)], dim=0)
         else:  # plain LoRA: pad with zeros so every layer has rank 2r

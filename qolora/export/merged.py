@@ -101,17 +101,19 @@ def merged_weight(parts: AdapterDir, name: str, W: torch.Tensor, mode: str, devi
     meta = parts.meta
     B, A = (t.to(device) for t in parts.weights[name])
     s = parts.scale(name)
-    olora = meta.init == "olora"
-    B0, A0 = (t.to(device) for t in parts.initial[name]) if olora else (None, None)
+    factored = meta.factored
+    B0, A0 = (t.to(device) for t in parts.initial[name]) if factored else (None, None)
+    base = parts.base.get(name)
     if mode == "trained" and meta.quant is not None:
         settings = quant.QuantSettings.from_dict(meta.quant)
-        if olora:
+        if factored:
             if meta.layer_sources.get(name) == "dequantized":
                 W = quant.roundtrip(W, settings)  # the 4-bit weight the init factored
-            subtract_lowrank_(W, B0, A0, s)  # the residual exactly as init/reload built it
+            if base is not None:  # the residual exactly as init/reload built it (loftq: its own factors)
+                subtract_lowrank_(W, base[0].to(device), base[1].to(device), s)
         W = quant.roundtrip(W, settings)  # what the trained model's base held
     else:
-        if olora:
+        if factored:
             subtract_lowrank_(W, B0, A0, s)
         if mode == "trained":  # an unquantized base kept the residual in its own dtype
             W = W.to(parse_dtype(meta.dtype)).to(torch.float32)
@@ -220,6 +222,14 @@ def _sources(train: object) -> str:
     return ", ".join(str(x["path"] if isinstance(x, dict) else x) for x in items)
 
 
+_METHODS = {  # init -> (name, paper) for the model card
+    "olora": ("OLoRA", "arXiv 2406.01775"),
+    "pissa": ("PiSSA", "arXiv 2404.02948"),
+    "loftq": ("LoftQ", "arXiv 2310.08659"),
+    "lora": ("LoRA", "arXiv 2106.09685"),
+}
+
+
 def model_card(parts: AdapterDir, mode: str, out_dtype: torch.dtype) -> str:
     c, meta = parts.config, parts.meta
     base = meta.base_model or str(parts.checkpoint)
@@ -228,7 +238,9 @@ def model_card(parts: AdapterDir, mode: str, out_dtype: torch.dtype) -> str:
         if mode == "trained"
         else "W + s·(B·A − B0·A0) on the original weights: no base quantization error"
     )
-    method = "OLoRA" if meta.init == "olora" else "LoRA"
+    method, paper = _METHODS.get(meta.init, _METHODS["lora"])
+    if meta.init_iters > 1:
+        method += f", {meta.init_iters} rounds"
     on = "4-bit " + meta.quant["quant_type"].upper() if meta.quant else "full-precision"
     # base_model in the front matter is read as a hub id (by the Hub, and by llama.cpp's converter
     # for general.base_model.*); a local folder is named in the text only.
@@ -236,12 +248,12 @@ def model_card(parts: AdapterDir, mode: str, out_dtype: torch.dtype) -> str:
     front = "" if local else f"base_model: {base}\n"
     return f"""---
 {front}library_name: transformers
-tags: [qolora, olora, lora, merged]
+tags: [qolora, {meta.init}, lora, merged]
 ---
 # Merged QOLoRA fine-tune of {Path(base).name}
 
 - Base model: `{base}`
-- Method: {method} adapters (arXiv 2406.01775) on a {on} base, trained with QOLoRA
+- Method: {method} adapters ({paper}) on a {on} base, trained with QOLoRA
 - Rank {c["r"]}, alpha {c["lora_alpha"]}, target modules {c.get("target_modules")}
 - Training data: {_sources((meta.data or {}).get("train"))}
 - Merge mode `{mode}`: {how}

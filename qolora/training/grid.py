@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import statistics
 import time
 from pathlib import Path
@@ -18,23 +19,37 @@ from typing import Any
 from .._io import save_figure_atomic, write_json_atomic
 from ..choices import INITS
 from ..config import Config, ConfigError
+from ..inits import InitSpec
 from . import run_dir
 from .guard import DivergedError
 
 logger = logging.getLogger(__name__)
 
 
+def parse_init(label: str) -> InitSpec:
+    """A grid's init label: ``olora``, ``pissa``, ``loftq``, ``lora``, with ``-tT`` for T rounds
+    (``olora-t4``, ``loftq-t4``) or ``-niterK`` for pissa's randomized SVD (``pissa-niter4``)."""
+    m = re.fullmatch(r"([a-z]+)(?:-t(\d+))?(?:-niter(\d+))?", label)
+    if m is None or m[1] not in INITS:
+        raise ConfigError(f"--inits: expected {', '.join(INITS)} (olora-t4, loftq-t4, pissa-niter4), got {label!r}")
+    try:
+        return InitSpec(m[1], int(m[2] or 1), None if m[3] is None else int(m[3]))
+    except ValueError as e:
+        raise ConfigError(f"--inits {label}: {e}") from e
+
+
 def check_inits(inits: list[str]) -> None:
     for init in inits:
-        if init not in INITS:
-            raise ConfigError(f"--inits: expected olora and/or lora, got {init!r}")
+        parse_init(init)
 
 
 def variant(cfg: Config, init: str, r: int, output_dir: Path, **train: Any) -> Config:
-    """``cfg`` with another init and rank (the alpha/r ratio kept, so the LoRA scale is the same),
-    its own output dir and any ``train`` fields overridden."""
+    """``cfg`` with another init (a ``parse_init`` label) and rank (the alpha/r ratio kept, so the LoRA
+    scale is the same), its own output dir and any ``train`` fields overridden."""
+    spec = parse_init(init)
     c = copy.deepcopy(cfg)
-    c.adapter.init, c.adapter.r, c.adapter.alpha = init, r, cfg.adapter.alpha * r / cfg.adapter.r
+    c.adapter.init, c.adapter.r, c.adapter.alpha = spec.method, r, cfg.adapter.alpha * r / cfg.adapter.r
+    c.adapter.init_iters, c.adapter.svd_niter = spec.iters, spec.svd_niter
     c.train.output_dir = str(output_dir)
     for k, v in train.items():
         setattr(c.train, k, v)

@@ -16,12 +16,21 @@ import math
 # 3e-4: 1.746). LoRA's best is 10x OLoRA's here (Lee et al. report about 18x). r64 was not swept
 # (cut for time): olora r64 one grid step below r16, as OLoRA was unstable at 1e-3 and r64 (eval 3.45
 # at step 10); lora r64 as r16, since LoRA's B = 0 start does not grow with r. Both r64 are provisional.
+# pissa and loftq are provisional, not swept: PiSSA's factors start at the scale of W's top singular
+# values, as OLoRA's A does, so it takes OLoRA's entries; LoftQ's fit only what quantization lost
+# (singular values ~1e-2 of PiSSA's on the demo model), so it starts near LoRA's B = 0 and takes LoRA's.
+# An iterated olora keeps olora's entries (the same B, A scale).
 AUTO_LR: dict[tuple[str, int], float] = {
     ("olora", 16): 3e-4,
     ("olora", 64): 1e-4,
+    ("pissa", 16): 3e-4,
+    ("pissa", 64): 1e-4,
+    ("loftq", 16): 3e-3,
+    ("loftq", 64): 3e-3,
     ("lora", 16): 3e-3,
     ("lora", 64): 3e-3,
 }
+PROVISIONAL = frozenset({("olora", 64), ("lora", 64), ("pissa", 16), ("pissa", 64), ("loftq", 16), ("loftq", 64)})
 
 
 def _by_rank(init: str, r: int) -> tuple[float, str]:
@@ -40,6 +49,16 @@ def _by_rank(init: str, r: int) -> tuple[float, str]:
     return lr, f"log-interpolated between the {init} r{lo} and r{hi} entries of AUTO_LR"
 
 
+def _used_ranks(init: str, r: int) -> set[int]:
+    """The table ranks ``_by_rank`` reads for ``r``: the nearest one, or the two around it."""
+    ranks = sorted(k for i, k in AUTO_LR if i == init)
+    if r <= ranks[0]:
+        return {ranks[0]}
+    if r >= ranks[-1]:
+        return {ranks[-1]}
+    return {max(k for k in ranks if k <= r), min(k for k in ranks if k >= r)}
+
+
 def resolve_lr(lr: float | str, init: str, r: int, alpha: float) -> tuple[float, str]:
     """The lr to train with, and why. An explicit number wins; "auto" reads ``AUTO_LR``.
 
@@ -49,6 +68,8 @@ def resolve_lr(lr: float | str, init: str, r: int, alpha: float) -> tuple[float,
     if lr != "auto":
         return float(lr), "set explicitly"
     value, why = _by_rank(init, r)
+    if any((init, k) in PROVISIONAL for k in _used_ranks(init, r)):
+        why += " (provisional: not measured by a sweep)"
     scale = alpha / r
     if not math.isclose(scale, 1.0):
         value /= scale

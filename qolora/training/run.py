@@ -25,6 +25,7 @@ from .._io import RunStopped
 from ..adapter_dir import DATA_KEYS, META_FILE
 from ..adapters import check_ranks, get_qolora_model, load_adapter, save_adapter
 from ..config import Config, ConfigError, dump_config, flat_dict
+from ..inits import InitSpec
 from ..quant import check_kernel, meta_model, resolve_model
 from . import run_dir
 from .callbacks import MetricsCallback
@@ -85,7 +86,8 @@ def lora_config(cfg: Config) -> Any:
         lora_alpha=a.alpha,
         lora_dropout=a.dropout,
         target_modules=a.target_modules,
-        init_lora_weights="olora" if a.init == "olora" else True,
+        # PEFT's LoraConfig refuses "loftq" without scipy and a loftq_config: init_once names the init itself
+        init_lora_weights=True if a.init == "loftq" else InitSpec(a.init, a.init_iters, a.svd_niter).peft_name,
         task_type="CAUSAL_LM",
     )
 
@@ -101,7 +103,15 @@ def init_once(
     data = {**{k: getattr(cfg.data, k) for k in DATA_KEYS}, "format": data_format}
     if fresh and w.is_main:
         a = cfg.adapter
-        model = get_qolora_model(base, lora_config(cfg), init_source=a.init_source, balance=a.olora_balance)
+        model = get_qolora_model(
+            base,
+            lora_config(cfg),
+            init_source=a.init_source,
+            balance=a.olora_balance,
+            init=a.init,
+            init_iters=a.init_iters,
+            svd_niter=a.svd_niter,
+        )
         model.qolora_states["default"].meta.data = data
         save_adapter(model, initial)
     distributed.barrier(w)
