@@ -34,9 +34,9 @@ RUNS, RESULTS = Path("runs/inits"), Path("benchmarks/results/inits")
 OLD = Path("benchmarks/results/lr/seeds.json")  # olora and lora at their best lrs, same settings
 FIDELITY = Path("benchmarks/results/init_fidelity-r16.json")
 NEW = {  # init label -> its lr grid (around the AUTO_LR entry it took provisionally)
-    "pissa": [1e-4, 3e-4, 1e-3],
-    "loftq-t4": [1e-3, 3e-3, 1e-2],
-    "olora-t4": [1e-4, 3e-4],
+    "pissa": [1e-4, 3e-4],
+    "loftq-t4": [1e-3, 3e-3],
+    "olora-t4": [3e-4],
 }
 FIDELITY_LABEL = {
     "lora": "plain QLoRA (4-bit, no adapter)",
