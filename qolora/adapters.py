@@ -45,8 +45,9 @@ def _init_spec(lora_config: LoraConfig, init: str | None, init_iters: int | None
         name = value.lower() if isinstance(value, str) else value
         if name is True or name == "lora":
             init = "lora"
-        elif isinstance(name, str) and name.startswith("pissa_niter_") and name[12:].isdigit():
-            init, svd_niter = "pissa", int(name[12:]) if svd_niter is None else svd_niter
+        elif isinstance(name, str) and name.startswith("pissa_niter_") and name[len("pissa_niter_") :].isdigit():
+            niter = int(name[len("pissa_niter_") :])
+            init, svd_niter = "pissa", niter if svd_niter is None else svd_niter
         elif name in FACTORED_INITS:
             init = name
         else:

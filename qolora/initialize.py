@@ -214,20 +214,7 @@ def _roundtrip(t: Target) -> Roundtrip:
     if quant.is_4bit(base):
         settings = quant.quant_settings(base)
         return lambda X: quant.roundtrip(X, settings)
-    dtype = base.weight.dtype
-    return lambda X: X.to(dtype).to(torch.float32)
-
-
-def init_olora_(
-    peft_model: nn.Module,
-    adapter_name: str = "default",
-    init_source: str = "auto",
-    checkpoint: str | os.PathLike[str] | None = None,
-    progress: bool = True,
-    balance: bool = False,
-) -> InitResult:
-    """OLoRA-initialize every LoRA layer of ``adapter_name``: ``init_factored_`` with plain OLoRA."""
-    return init_factored_(peft_model, InitSpec("olora"), adapter_name, init_source, checkpoint, progress, balance)
+    return functools.partial(_cast, dtype=base.weight.dtype)
 
 
 def init_factored_(

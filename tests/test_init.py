@@ -146,7 +146,8 @@ def test_quant_settings_survive_init(llama_dir) -> None:
 
 
 def test_bf16_adapter_residual_uses_stored_factors(llama_dir) -> None:
-    from qolora.initialize import init_olora_
+    from qolora.initialize import init_factored_
+    from qolora.inits import InitSpec
 
     base = _fp32(llama_dir)
     W = base.model.layers[0].mlp.up_proj.weight.detach().clone()
@@ -155,7 +156,7 @@ def test_bf16_adapter_residual_uses_stored_factors(llama_dir) -> None:
         if hasattr(m, "lora_A") and "default" in m.lora_A:
             m.lora_A["default"].to(torch.bfloat16)
             m.lora_B["default"].to(torch.bfloat16)
-    init_olora_(model, progress=False)
+    init_factored_(model, InitSpec("olora"), progress=False)
     lyr = model.base_model.model.model.layers[0].mlp.up_proj
     Bs, As = lyr.lora_B["default"].weight, lyr.lora_A["default"].weight
     assert Bs.dtype == torch.bfloat16

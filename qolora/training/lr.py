@@ -33,30 +33,20 @@ AUTO_LR: dict[tuple[str, int], float] = {
 PROVISIONAL = frozenset({("olora", 64), ("lora", 64), ("pissa", 16), ("pissa", 64), ("loftq", 16), ("loftq", 64)})
 
 
-def _by_rank(init: str, r: int) -> tuple[float, str]:
+def _by_rank(init: str, r: int) -> tuple[float, str, set[int]]:
+    """The table lr for ``r``, why, and the table ranks it was read from."""
     ranks = sorted(k for i, k in AUTO_LR if i == init)
     if r <= ranks[0] or r >= ranks[-1]:
         near = ranks[0] if r <= ranks[0] else ranks[-1]
-        return AUTO_LR[(init, near)], f"the {init} r{near} entry of AUTO_LR" + (
-            "" if near == r else f" (nearest rank to {r})"
-        )
+        why = f"the {init} r{near} entry of AUTO_LR" + ("" if near == r else f" (nearest rank to {r})")
+        return AUTO_LR[(init, near)], why, {near}
     lo = max(k for k in ranks if k <= r)
     hi = min(k for k in ranks if k >= r)
     if lo == hi:
-        return AUTO_LR[(init, r)], f"the {init} r{r} entry of AUTO_LR"
+        return AUTO_LR[(init, r)], f"the {init} r{r} entry of AUTO_LR", {r}
     t = (math.log(r) - math.log(lo)) / (math.log(hi) - math.log(lo))
     lr = math.exp((1 - t) * math.log(AUTO_LR[(init, lo)]) + t * math.log(AUTO_LR[(init, hi)]))
-    return lr, f"log-interpolated between the {init} r{lo} and r{hi} entries of AUTO_LR"
-
-
-def _used_ranks(init: str, r: int) -> set[int]:
-    """The table ranks ``_by_rank`` reads for ``r``: the nearest one, or the two around it."""
-    ranks = sorted(k for i, k in AUTO_LR if i == init)
-    if r <= ranks[0]:
-        return {ranks[0]}
-    if r >= ranks[-1]:
-        return {ranks[-1]}
-    return {max(k for k in ranks if k <= r), min(k for k in ranks if k >= r)}
+    return lr, f"log-interpolated between the {init} r{lo} and r{hi} entries of AUTO_LR", {lo, hi}
 
 
 def resolve_lr(lr: float | str, init: str, r: int, alpha: float) -> tuple[float, str]:
@@ -67,8 +57,8 @@ def resolve_lr(lr: float | str, init: str, r: int, alpha: float) -> tuple[float,
     """
     if lr != "auto":
         return float(lr), "set explicitly"
-    value, why = _by_rank(init, r)
-    if any((init, k) in PROVISIONAL for k in _used_ranks(init, r)):
+    value, why, used = _by_rank(init, r)
+    if any((init, k) in PROVISIONAL for k in used):
         why += " (provisional: not measured by a sweep)"
     scale = alpha / r
     if not math.isclose(scale, 1.0):
