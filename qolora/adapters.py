@@ -337,8 +337,16 @@ def _state(model: nn.Module, adapter_name: str) -> QoloraState:
     return states[adapter_name]
 
 
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike[str], adapter_name: str = "default") -> Path:
+def save_adapter(
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    adapter_name: str = "default",
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write a PEFT adapter dir plus ``qolora.json`` and ``initial_factors.safetensors``.
+
+    ``state_dict``: the model's trainable state to write instead of its own parameters (an FSDP
+    model's adapter, gathered from its shards by ``distributed.full_trainable_state``).
 
     The dir is written beside its final place and renamed into it, so an interrupted save
     never leaves a dir that looks complete; an existing dir is replaced.
@@ -351,7 +359,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike[str], adapter_name
         )
 
     def save_peft(tmp: Path) -> None:
-        model.save_pretrained(str(tmp), selected_adapters=[adapter_name])
+        model.save_pretrained(str(tmp), selected_adapters=[adapter_name], state_dict=state_dict)
         if adapter_name != "default":  # PEFT nests non-default adapters one level down
             for f in (tmp / adapter_name).iterdir():
                 f.rename(tmp / f.name)

@@ -171,7 +171,8 @@ class TrainConfig:
     distributed: Literal[DISTRIBUTED_MODES] = _f(
         "auto",
         "under torchrun / accelerate launch: auto (ddp whenever there is more than one process), ddp (a full "
-        "4-bit model per rank, gradients all-reduced), fsdp (refused for now: see README, Several GPUs)",
+        "4-bit model per rank, gradients all-reduced), fsdp (FSDP-QLoRA through FSDP2: each rank holds 1/N of "
+        "the 4-bit base and the adapter, for a model no one GPU holds)",
     )
 
     def __post_init__(self) -> None:

@@ -2,10 +2,12 @@
 
 ``torchrun`` and ``accelerate launch`` start the processes and set ``RANK``, ``LOCAL_RANK`` and
 ``WORLD_SIZE``; accelerate's ``PartialState`` joins them into one process group (gloo on the
-CPU, nccl on CUDA) that transformers' Trainer then reuses for DDP or FSDP2. QOLoRA adds no
-launcher and no communication layer; it uses ``torch.distributed``'s collectives for three
-things only: a barrier around the one init, per-rank digests of the whole model before step 1
-(docs/design.md, "one init, every rank"), and the summed token-weighted eval loss.
+CPU, nccl on CUDA) that transformers' Trainer then reuses for DDP, or that FSDP2's
+``fully_shard`` shards the model over (``shard_``). QOLoRA adds no launcher and no communication
+layer; it uses ``torch.distributed``'s collectives for a barrier around the one init, per-rank
+digests of the whole model before step 1 (docs/design.md, "one init, every rank"), the summed
+token-weighted eval loss, and, under FSDP, torch's full (world-size independent) state dicts of
+the adapter and its optimizer for checkpoints and the saved adapter.
 """
 
 from __future__ import annotations
@@ -62,20 +64,87 @@ def world() -> World:
 
 
 def resolve_mode(mode: str, w: World) -> str:
-    """``train.distributed`` for this world: "none" for one process; "auto" is "ddp" above one.
-
-    Raises:
-        ValueError: for "fsdp" with several processes, in one line saying why.
-    """
+    """``train.distributed`` for this world: "none" for one process; "auto" is "ddp" above one."""
     if w.size == 1:
         return "none"
-    if mode == "fsdp":
-        raise ValueError(
-            "train.distributed=fsdp: not supported yet. accelerate applies FSDP only on GPUs (on the CPU it "
-            "silently runs DDP), and the sharded 4-bit base, its gathered adapter save and its resume are not "
-            "verified; use ddp (a full 4-bit model per rank)"
-        )
     return "ddp" if mode == "auto" else mode
+
+
+def quant_storage(mode: str) -> str | None:
+    """The packed 4-bit storage a mode needs: FSDP shards the packed bytes as parameters of the
+    compute dtype (FSDP-QLoRA's rule); one process and DDP keep bitsandbytes' uint8."""
+    return "compute" if mode == "fsdp" else None
+
+
+def shard_(model: nn.Module) -> None:
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``) on every decoder layer (the model's
+    ``_no_split_modules``, as accelerate's transformer wrap policy), then on the root.
+
+    Every parameter, the packed 4-bit bytes included, becomes a DTensor holding 1/N of it; a
+    4-bit layer's quant_state (absmax, code) is not a parameter and stays whole on every rank.
+    FSDP2 moves the packed bytes as bytes, so NaN bit patterns in float storage survive
+    (tests/test_distributed.py). Call after the init and its digests, before the optimizer exists.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    names = set()
+    for m in model.modules():
+        names |= set(getattr(m, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise DistributedError(
+            f"train.distributed=fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules) "
+            "to shard; use ddp"
+        )
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    model._is_accelerate_prepared = True  # accelerate's own mark: sharded already, no DDP wrap on top
+    logger.info("FSDP2: %d decoder layers and the root sharded over %d ranks", len(layers), world().size)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _options(**kw: bool) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+
+
+def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole trainable state (the adapter) as plain CPU tensors on rank 0, gathered from the
+    FSDP shards (a collective: every rank calls it; the others get an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_options(ignore_frozen_params=True))
+
+
+def load_full_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put a whole trainable state (every rank passes the same one) into the FSDP shards."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(state)
+    if missing:
+        raise DistributedError(f"the checkpoint lacks {len(missing)} adapter tensors, the first {sorted(missing)[0]}")
+    set_model_state_dict(model, state, options=_options(strict=False))
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state for the whole adapter, keyed by parameter name, on rank 0 (a collective):
+    independent of the world size, so a checkpoint resumes on any number of ranks."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_options())
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=_options())
 
 
 def setup(w: World) -> None:

@@ -125,8 +125,8 @@ class Plan:
         lines.append(f"{'fits' if self.fits else 'DOES NOT FIT'}; largest seq-len that fits: {self.max_seq_len}")
         if self.mode.startswith("fsdp"):
             lines.append(
-                "note: a prediction for FSDP-QLoRA (quant storage = compute dtype); qolora train does not run "
-                "train.distributed: fsdp yet (README, Several GPUs)"
+                "note: a prediction for FSDP-QLoRA (quant storage = compute dtype), as train.distributed: fsdp "
+                "runs it; qolora train has no CPU offload of the shards yet, so --offload is a prediction only"
             )
         return "\n".join(lines)
 

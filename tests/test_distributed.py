@@ -226,8 +226,7 @@ def test_digests_cover_the_quant_state_not_only_the_packed_data(llama_dir) -> No
     after = layer_digests(model)
     assert [k for k in before if before[k] != after[k]] == ["model.layers.0.mlp.down_proj"]
     assert resolve_mode("auto", World(0, 0, 2)) == "ddp" and resolve_mode("fsdp", World(0, 0, 1)) == "none"
-    with pytest.raises(ValueError, match="train.distributed=fsdp: not supported yet. accelerate applies FSDP only"):
-        resolve_mode("fsdp", World(0, 0, 2))
+    assert resolve_mode("fsdp", World(0, 0, 2)) == "fsdp"
 
 
 def test_fsdp2_shards_the_4bit_base_to_the_plan_and_keeps_it_bit_identical(llama_dir, tmp_path) -> None:
@@ -237,7 +236,7 @@ def test_fsdp2_shards_the_4bit_base_to_the_plan_and_keeps_it_bit_identical(llama
     packed bytes, NaN bit patterns included (bitsandbytes#1945), survive shard -> unshard bit for
     bit; the loss and the gathered gradients equal the unsharded model's; rank 0's full state
     dict holds the whole adapter (accelerate#4206 saved one rank's slice). The Trainer path
-    (train.distributed: fsdp) needs a GPU: accelerate applies FSDP only there."""
+    (train.distributed: fsdp) is ``test_fsdp_*`` below."""
     from qolora.plan import Shape, components, read_config
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -256,6 +255,68 @@ def test_fsdp2_shards_the_4bit_base_to_the_plan_and_keeps_it_bit_identical(llama
         assert r["loss_equal"] and r["grads_equal"]
     assert ranks[0]["adapter_keys"] == 28 and ranks[0]["adapter_full_and_equal"]
     assert ranks[1]["adapter_keys"] == 0  # gathered to rank 0 only
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(runs):
+    """The reference config on 2 torchrun ranks with train.distributed=fsdp, uninterrupted, and
+    again with rank 1 killed (-9) right after checkpoint-4, then --resume."""
+    root, out = runs["root"], {}
+    for name, fault in (("fsdp", ""), ("fsdp-kill", "kill")):
+        cfg = _config(Path(runs["one"].model), root / name, distributed="fsdp")
+        dump_config(cfg, root / f"{name}.yaml")
+        out[name] = (torchrun(root / f"{name}.yaml", fault=fault), root / name / "run")
+    out["adapter_after_kill"] = (root / "fsdp-kill" / "run" / "adapter").exists()
+    out["resume"] = torchrun(root / "fsdp-kill.yaml", "--resume")
+    return out
+
+
+def test_fsdp_two_ranks_equal_one_rank_and_save_the_whole_adapter(runs, fsdp_runs) -> None:
+    """FSDP2 through the Trainer (train.distributed: fsdp): the same losses as 1 rank at the same
+    global batch, and rank 0 writes the whole adapter (every layer's factors, gathered from both
+    ranks' shards), which load_adapter and the merged export read with the 1-rank run's logits."""
+    proc, run = fsdp_runs["fsdp"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = metrics(Path(runs["one"].train.output_dir)), metrics(run)
+    assert two["distributed"] == "fsdp" and two["world_size"] == 2 and two["global_batch"] == 4
+    assert len(set(two["init_digests"])) == 1
+    assert [h["step"] for h in two["history"]] == list(range(1, STEPS + 1))
+    for a, b in zip(one["history"], two["history"]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (one["history"], two["history"])
+    for a, b in zip(one["eval"], two["eval"]):
+        assert abs(a["eval_loss"] - b["eval_loss"]) <= 1e-5
+    model = qolora.load_adapter(run / "adapter", progress=False)
+    ref = qolora.load_adapter(Path(runs["one"].train.output_dir) / "adapter", progress=False)
+    sd, ref_sd = model.state_dict(), ref.state_dict()
+    lora = [k for k in sd if "lora_" in k]
+    assert len(lora) == 28 and max(float((sd[k] - ref_sd[k]).abs().max()) for k in lora) < 1e-4
+    x = torch.tensor([[3, 5, 7, 9, 11, 13]])
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=x).logits, ref(input_ids=x).logits, atol=1e-4)
+    from qolora.export import export_merged
+
+    merged = export_merged(run / "adapter", runs["root"] / "fsdp-merged", dtype="float32", progress=False)
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(merged.out_dir, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.allclose(m(input_ids=x).logits, model(input_ids=x).logits, atol=1e-3)
+    # a checkpoint's optimizer state is torch's full state dict: every parameter's, keyed by name
+    opt = torch.load(run / "checkpoint-4" / "optimizer.pt", weights_only=True)
+    assert len(opt["state"]) == 28 and all(isinstance(k, str) and "lora_" in k for k in opt["state"])
+
+
+def test_fsdp_kill_9_of_one_rank_then_resume_gives_the_uninterrupted_losses(fsdp_runs) -> None:
+    """The sharded adapter and optimizer come back from the gathered checkpoint into both ranks' shards:
+    a resume that lost either (a fresh Adam state, or the initial adapter) would take other steps."""
+    proc, run = fsdp_runs["fsdp-kill"]
+    assert proc.returncode != 0 and (run / "killed_at").is_file(), proc.stderr[-3000:]
+    assert not fsdp_runs["adapter_after_kill"]
+    assert fsdp_runs["resume"].returncode == 0, fsdp_runs["resume"].stderr[-3000:]
+    got, want = metrics(run), metrics(fsdp_runs["fsdp"][1])
+    assert [h["step"] for h in got["history"]] == list(range(1, STEPS + 1))
+    assert [h["loss"] for h in got["history"]] == [h["loss"] for h in want["history"]]
+    assert [e["eval_loss"] for e in got["eval"]] == [e["eval_loss"] for e in want["eval"]]
 
 
 WATCHDOG = """

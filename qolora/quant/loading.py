@@ -79,6 +79,7 @@ def load_quantized(
     device_map: Any = None,
     skip_modules: list[str] | None = None,
     trust_remote_code: bool = False,
+    quant_storage: str | torch.dtype | None = None,
     **kwargs: Any,
 ) -> PreTrainedModel:
     """Load a causal LM with its linear layers in 4-bit NF4 (double quantization on by default).
@@ -94,6 +95,8 @@ def load_quantized(
             default: those bitsandbytes cannot run on the target device (on the CPU,
             in_features % 64 or out_features % 32 not 0), logged with their memory cost.
         trust_remote_code: off unless you turn it on.
+        quant_storage: dtype of the packed 4-bit storage; default uint8. "compute" stores it as the
+            compute dtype, as FSDP-QLoRA needs (FSDP shards the packed bytes as parameters of that dtype).
 
     Returns:
         A ``PreTrainedModel`` whose linear layers (but lm_head and the skipped ones) are
@@ -105,6 +108,7 @@ def load_quantized(
     path = resolve_model(path_or_id)
     cdtype = resolve_compute_dtype(compute_dtype).dtype
     pdtype = parse_dtype(dtype, "dtype") if dtype is not None else cdtype
+    storage = cdtype if quant_storage == "compute" else quant_storage or torch.uint8
     if device_map is None:
         device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
     device = _device_type(device_map)
@@ -122,7 +126,7 @@ def load_quantized(
     model = AutoModelForCausalLM.from_pretrained(
         path,
         quantization_config=bnb_config(
-            cdtype, quant_type, double_quant, skip_modules=sorted(set(defaults) | set(skip_modules))
+            cdtype, quant_type, double_quant, storage, skip_modules=sorted(set(defaults) | set(skip_modules))
         ),
         dtype=pdtype,
         device_map=device_map,
@@ -153,6 +157,7 @@ def load_base(
     double_quant: bool = True,
     skip_modules: list[str] | None = None,
     device_map: Any = None,
+    quant_storage: str | torch.dtype | None = None,
 ) -> PreTrainedModel:
     """The one base-model loader of ``qolora train``, ``qolora init`` and adapter reloads.
 
@@ -172,4 +177,5 @@ def load_base(
         double_quant=double_quant,
         device_map=device_map,
         skip_modules=skip_modules,
+        quant_storage=quant_storage,
     )

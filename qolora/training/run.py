@@ -70,10 +70,15 @@ def prepare_data(cfg: Config, tokenizer: Any) -> tuple[list, list, dict[str, Any
     return train_ex, eval_ex, stats
 
 
-def load_base(cfg: Config, device_map: Any = None) -> nn.Module:
+def load_base(cfg: Config, device_map: Any = None, quant_storage: str | None = None) -> nn.Module:
     q = cfg.quant
     return quant.load_base(
-        cfg.model, quant_type=q.type, compute_dtype=q.compute_dtype, double_quant=q.double_quant, device_map=device_map
+        cfg.model,
+        quant_type=q.type,
+        compute_dtype=q.compute_dtype,
+        double_quant=q.double_quant,
+        device_map=device_map,
+        quant_storage=quant_storage,
     )
 
 
@@ -243,7 +248,7 @@ def _train(cfg: Config, resume: bool, mode: str, out: Path, stop: SignalStop | N
     distributed.barrier(w)  # every rank has checked the run dir before rank 0 writes into it
     if w.is_main:
         dump_config(cfg, out / CONFIG_FILE)
-    base = load_base(cfg, w.device_map)
+    base = load_base(cfg, w.device_map, distributed.quant_storage(mode))
     prepare_for_training_(base, cfg.train.gradient_checkpointing)
     t0 = time.perf_counter()
     fresh = not (resume and (out / INITIAL_ADAPTER / META_FILE).is_file())
@@ -252,6 +257,8 @@ def _train(cfg: Config, resume: bool, mode: str, out: Path, stop: SignalStop | N
     if resume:
         logger.info("resuming from %s", ckpt if ckpt else "the start: no checkpoint was complete")
     kernel = check_kernel(model) if cfg.train.kernel_check else None  # on every rank: each checks its own device
+    if mode == "fsdp":  # after the init and its digests, before the optimizer exists
+        distributed.shard_(model)
     report = model.qolora_states["default"].report
     t = cfg.train
     extra = {
@@ -274,7 +281,8 @@ def _train(cfg: Config, resume: bool, mode: str, out: Path, stop: SignalStop | N
     trainer = build_trainer(model, tokenizer, train_ex, eval_ex, cfg, extra, eval_on_start=not resume)
     run_trainer(trainer, ckpt, out, stop, w)
     final = out / FINAL_ADAPTER
+    state = distributed.full_trainable_state(model) if mode == "fsdp" else None  # gathered from every rank
     if w.is_main:
-        save_adapter(model, final)
+        save_adapter(model, final, state_dict=state)
     distributed.barrier(w)
     return final

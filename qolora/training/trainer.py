@@ -65,8 +65,12 @@ def prepare_for_training_(model: nn.Module, gradient_checkpointing: bool) -> Non
 
 
 def grad_norm(model: nn.Module) -> float:
-    """The 2-norm of every trainable parameter's gradient (all-reduced already under DDP)."""
-    norms = [torch.linalg.vector_norm(p.grad.float()) for p in model.parameters() if p.grad is not None]
+    """The 2-norm of every trainable parameter's gradient (all-reduced already under DDP; an FSDP
+    shard's gradient is gathered whole first, the adapter's being small)."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for p in model.parameters()]
+    norms = [torch.linalg.vector_norm(g.float()) for g in grads if g is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
@@ -96,6 +100,58 @@ class QoloraTrainer(Trainer):
         self.run_state = RunState(guard)
         self.run_state.trainer = self
         self.add_callback(self.run_state)
+        from .. import distributed
+
+        self.sharded = distributed.is_sharded(self.model)  # FSDP2: checkpoints hold whole, gathered states
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The adapter as transformers saves it; an FSDP model's is first gathered whole from its shards."""
+        if not self.sharded:
+            return super().save_model(output_dir, _internal_call)
+        from .. import distributed
+
+        state = distributed.full_trainable_state(self.model)  # a collective: every rank takes part
+        if self.args.should_save:
+            self._save(output_dir or self.args.output_dir, state_dict=state)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Under FSDP the optimizer state is gathered whole, keyed by parameter name (torch's full
+        optimizer state dict), so no rank's slice is lost and the file does not depend on the world size."""
+        if not self.sharded:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+        from .. import distributed
+
+        state = distributed.full_optimizer_state(self.model, _inner(self.optimizer))
+        if self.args.should_save:
+            torch.save(state, Path(output_dir) / OPTIMIZER_NAME)
+            torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self.sharded:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+        from .. import distributed
+
+        state = torch.load(Path(checkpoint) / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
+        distributed.load_full_optimizer_state(self.model, _inner(self.optimizer), state)
+        self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / SCHEDULER_NAME, weights_only=True))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """A checkpoint's adapter into the model; an FSDP model's shards take their part of it."""
+        if not self.sharded:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from safetensors.torch import load_file
+
+        from .. import distributed
+
+        name = self.model.active_adapter
+        saved = load_file(str(Path(resume_from_checkpoint) / "adapter_model.safetensors"))
+        # PEFT's files drop the adapter name from each key: put it back to get the parameter names
+        ours = {n.replace(f".{name}.", "."): n for n, p in self.model.named_parameters() if p.requires_grad}
+        distributed.load_full_trainable_state(self.model, {ours.get(k, k): v for k, v in saved.items()})
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001
         """One micro-batch; on the last of an optimizer step, the guard sees the step's loss (the
@@ -245,6 +301,11 @@ class QoloraTrainer(Trainer):
         total, count, n = distributed.all_reduce_sum([total, count, n], w, device)
         metrics = {f"{metric_key_prefix}_loss": total / max(count, 1), f"{metric_key_prefix}_tokens": int(count)}
         return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=int(n))
+
+
+def _inner(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def checkpointing_args(on: bool) -> dict[str, Any]:
