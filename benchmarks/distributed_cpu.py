@@ -6,7 +6,7 @@ both take the same examples per step. Runs alternate A B A B, each in a fresh la
 On a 2-core machine the two processes share the cores that one process uses alone: expect no
 speed-up; the row says so.
 
-    python benchmarks/distributed_cpu.py [--repeats 2] [--steps 8] [--batch 4] [--max-length 128]
+    python benchmarks/distributed_cpu.py [--repeats 2] [--steps 8] [--batch 4] [--max-length 128] [--distributed fsdp]
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def run(n: int, out: Path, a: argparse.Namespace) -> dict:
         "train.eval_steps=1000000",
         "train.save_steps=1000000",
         "train.logging_steps=1",
+        f"train.distributed={a.distributed}",  # one process: none, whatever it says
     ]
     if n == 1:
         cmd = [sys.executable, "-m", "qolora", "train", str(cfg), *over]
@@ -63,8 +64,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--out", default="benchmarks/results/distributed_cpu.json")
+    ap.add_argument("--distributed", choices=["ddp", "fsdp"], default="ddp")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/distributed_cpu[-fsdp].json")
     a = ap.parse_args()
+    a.out = a.out or f"benchmarks/results/distributed_cpu{'-fsdp' if a.distributed == 'fsdp' else ''}.json"
     res: dict[int, list[dict]] = {1: [], 2: []}
     for _ in range(a.repeats):
         for n in (1, 2):
@@ -83,11 +86,11 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
     print(
-        f"| demo model, {a.steps} steps, global batch {2 * a.batch}, seq <= {a.max_length} | "
+        f"| {a.distributed}: demo model, {a.steps} steps, global batch {2 * a.batch}, seq <= {a.max_length} | "
         f"{med[1]['tokens_per_s']:.0f} tok/s | {med[2]['tokens_per_s']:.0f} tok/s "
         f"({med[2]['tokens_per_s'] / med[1]['tokens_per_s']:.2f}x) | init {med[1]['init_s']:.2f} s | "
         f"init {med[2]['init_s']:.2f} s ({med[2]['init_s'] / med[1]['init_s']:.2f}x) | losses max diff {maxdiff:.1e} | "
-        f"median of {a.repeats}, A B A B, `python benchmarks/distributed_cpu.py`, {_common.machine()} |"
+        f"median of {a.repeats}, A B A B, `{_common.command()}`, {_common.machine()} |"
     )
 
 

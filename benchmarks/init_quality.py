@@ -6,6 +6,7 @@ alpha = r, token-weighted held-out loss on 64 rows), so its olora and lora runs
 
     python benchmarks/init_quality.py grid     # chatterbot, r 16, seed 0: each new init over its lrs
     python benchmarks/init_quality.py seeds    # each new init at its best lr, seeds 0-2
+    python benchmarks/init_quality.py r64      # chatterbot, r 64, seed 0: every init at its r 16 best lr
     python benchmarks/init_quality.py report   # steps 0 / 20 / 40, learn, forget, the KL-vs-final-loss plot
 
 The plot's x axis is each init's initial logits KL from benchmarks/results/init_fidelity-r16.json
@@ -33,6 +34,7 @@ from qolora.training.sweep import sweep  # noqa: E402
 RUNS, RESULTS = Path("runs/inits"), Path("benchmarks/results/inits")
 OLD = Path("benchmarks/results/lr/seeds.json")  # olora and lora at their best lrs, same settings
 FIDELITY = Path("benchmarks/results/init_fidelity-r16.json")
+FIDELITY64 = Path("benchmarks/results/init_fidelity-r64.json")
 NEW = {  # init label -> its lr grid (around the AUTO_LR entry it took provisionally)
     "pissa": [1e-4, 3e-4],
     "loftq-t4": [1e-3, 3e-3],
@@ -75,9 +77,44 @@ def seeds(args: argparse.Namespace) -> None:
     for ds in args.datasets.split(","):
         out = RUNS / f"{ds}-seeds"
         out.mkdir(parents=True, exist_ok=True)
-        if ds == "chatterbot":  # seed 0 at the best lr is already in the grid
+        if ds == "chatterbot" and (RUNS / "chatterbot-grid-r16").is_dir():  # seed 0 at the best lr is in the grid
             link_seed0(best, lambda r: RUNS / f"chatterbot-grid-r{r}", out)
         sweep(config(ds, args.steps, args.eval_rows), best, list(_inits(args)), [16], [0, 1, 2], args.steps, out)
+
+
+def _best16() -> dict[str, float]:
+    """Each init's best lr at r 16: lora and olora from the lr sweep's seeds, the others from this grid."""
+    old = {m["init"]: m["lr"] for m in json.loads(OLD.read_text())["chatterbot"]["runs"].values() if m["r"] == 16}
+    new = json.loads((RESULTS / "chatterbot-sweep-r16.json").read_text())["best"]
+    return {**old, **{k.rsplit("-r", 1)[0]: b["lr"] for k, b in new.items()}}
+
+
+def r64(args: argparse.Namespace) -> None:
+    """Every init at r 64 (alpha = r, so the same LoRA scale), seed 0, at its r 16 best lr."""
+    best = {i: lr for i, lr in _best16().items() if i in ("lora", "olora", *_inits(args))}
+    out = RUNS / "chatterbot-r64"
+    s = sweep(
+        config("chatterbot", args.steps, args.eval_rows),
+        {f"{i}-r64": [lr] for i, lr in best.items()},
+        list(best),
+        [64],
+        [0],
+        args.steps,
+        out,
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(out / "sweep.json", RESULTS / "chatterbot-r64.json")
+    kl = json.loads(FIDELITY64.read_text())["results"] if FIDELITY64.is_file() else {}
+    print("| init | r | lr | held-out loss at step 0 / 20 / 40 | initial KL | command | machine | date |")
+    print("|---|---|---|---|---|---|---|---|")
+    for i in best:
+        m = next(m for m in s["runs"].values() if m["init"] == i)
+        k = (kl.get(FIDELITY_LABEL[i]) or {}).get("kl")
+        steps = " / ".join(f"{v:.3f}" if v is not None else "n/a" for v in (_at(m, x) for x in (0, 20, args.steps)))
+        print(
+            f"| {i} | 64 | {m['lr']:g} | {steps} | {'n/a' if k is None else f'{k:.3f}'} "
+            f"| `{_common.command()}` | {_common.machine()} | {_common.today()} |"
+        )
 
 
 def _at(m: dict[str, Any], step: int) -> float | None:
@@ -159,13 +196,13 @@ def plot_kl(ds: str, runs: dict[str, Any], fid: dict[str, Any], path: Path) -> N
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("phase", choices=["grid", "seeds", "report"])
+    ap.add_argument("phase", choices=["grid", "seeds", "r64", "report"])
     ap.add_argument("--inits", default=",".join(NEW))
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--eval-rows", type=int, default=64)
     ap.add_argument("--datasets", default="chatterbot")
     args = ap.parse_args()
-    {"grid": grid, "seeds": seeds, "report": report}[args.phase](args)
+    {"grid": grid, "seeds": seeds, "r64": r64, "report": report}[args.phase](args)
 
 
 if __name__ == "__main__":
