@@ -319,6 +319,23 @@ def test_fsdp_kill_9_of_one_rank_then_resume_gives_the_uninterrupted_losses(fsdp
     assert [e["eval_loss"] for e in got["eval"]] == [e["eval_loss"] for e in want["eval"]]
 
 
+def test_loftq_with_its_base_factors_is_one_init_on_every_rank(runs) -> None:
+    """loftq with T = 2 records per-layer base factors (the base is the previous round's residual):
+    the other rank rebuilds that base from initial_adapter/, and the digests prove it bit-identical."""
+    dump_config(_config(Path(runs["one"].model), runs["root"] / "loftq"), runs["root"] / "loftq.yaml")
+    proc = torchrun(runs["root"] / "loftq.yaml", "adapter.init=loftq", "adapter.init_iters=2", "train.max_steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = metrics(runs["root"] / "loftq" / "run")
+    assert m["world_size"] == 2 and len(m["init_digests"]) == 2 and len(set(m["init_digests"])) == 1
+    assert m["init_digests"][0] not in metrics(Path(runs["two"].train.output_dir))["init_digests"]  # not olora's
+    meta = json.loads((runs["root"] / "loftq" / "run" / "adapter" / "qolora.json").read_text())
+    assert meta["init"]["method"] == "loftq" and meta["init"]["iters"] == 2
+    from safetensors import safe_open
+
+    with safe_open(str(runs["root"] / "loftq" / "run" / "initial_adapter" / "initial_factors.safetensors"), "pt") as f:
+        assert any(k.endswith(".Bbase") for k in f.keys())  # what rank 1 rebuilt its base from
+
+
 WATCHDOG = """
 import os, signal, sys, time
 from qolora.distributed import World
