@@ -1,9 +1,9 @@
-"""OLoRA init time on Llama-2-7B-shaped layers: QOLoRA against PEFT's init_lora_weights="olora".
+"""Init time on Llama-2-7B-shaped layers: QOLoRA against PEFT's init_lora_weights (olora, pissa, pissa_niter_K).
 
 Both run on the same random weights in one process, alternating A B A B, and the script
 prints the median of each, their ratio, the factors' max difference, and its BENCHMARKS.md row.
 
-    python benchmarks/init_speed.py [--layers 1] [--repeats 3] [--rank 16] [--quantized]
+    python benchmarks/init_speed.py [--layers 1] [--repeats 3] [--rank 16] [--quantized] [--init pissa]
 
 --quantized puts the layers in 4-bit NF4 first: PEFT dequantizes and re-quantizes, QOLoRA
 reads the original weights back from a safetensors file (its checkpoint source).
@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--quantized", action="store_true", help="4-bit NF4 base")
+    ap.add_argument("--init", default="olora", help="PEFT's name: olora, pissa, pissa_niter_K (K > 0)")
     args = ap.parse_args()
     logging.getLogger("qolora").setLevel(logging.WARNING)
     torch.manual_seed(0)
@@ -98,31 +99,32 @@ def main() -> None:
         for rep in range(args.repeats):
             m = build(args.layers, weights, args.quantized)
             t0 = time.perf_counter()
-            peft_model = get_peft_model(m, lora_config(args.rank, "olora"))
+            peft_model = get_peft_model(m, lora_config(args.rank, args.init))
             t_peft.append(time.perf_counter() - t0)
             m = build(args.layers, weights, args.quantized)
             t0 = time.perf_counter()
             ours = qolora.get_qolora_model(
-                m, lora_config(args.rank, "olora"), progress=False, checkpoint=ckpt if args.quantized else None
+                m, lora_config(args.rank, args.init), progress=False, checkpoint=ckpt if args.quantized else None
             )
             t_ours.append(time.perf_counter() - t0)
             print(f"run {rep + 1}: peft {t_peft[-1]:.2f} s, qolora {t_ours[-1]:.2f} s", flush=True)
         fp, fo = factors(peft_model), factors(ours)
         report = ours.qolora_states["default"].report
-    if args.quantized:
-        dB, dA = float("nan"), float("nan")  # PEFT factors the dequantized weight, we the original
+    if args.quantized or "niter" in args.init:
+        # PEFT factors the dequantized weight, we the original; randomized SVDs draw other sketches
+        dB, dA = float("nan"), float("nan")
     else:
         dB = max(float((fp[k][0] - fo[k][0]).abs().max()) for k in fp)
         dA = max(float((fp[k][1] - fo[k][1]).abs().max()) for k in fp)
     tp, to = _common.median(t_peft), _common.median(t_ours)
     base = "4-bit NF4 (QOLoRA: checkpoint source)" if args.quantized else "fp32"
     print(
-        f"PEFT olora median {tp:.2f} s, QOLoRA median {to:.2f} s, speedup {tp / to:.1f}x; "
+        f"PEFT {args.init} median {tp:.2f} s, QOLoRA median {to:.2f} s, speedup {tp / to:.1f}x; "
         f"max |dB| {dB:.2e}, max |dA| {dA:.2e}; mean rel_err/qlora_err {report.mean_ratio():.3f}"
     )
     print(
         _common.row(
-            f"OLoRA init, {args.layers}x Llama-2-7B decoder layer (7 matrices), r={args.rank}, {base}",
+            f"{args.init} init, {args.layers}x Llama-2-7B decoder layer (7 matrices), r={args.rank}, {base}",
             f"PEFT {tp:.2f} s",
             f"QOLoRA {to:.2f} s",
             f"**{tp / to:.1f}x**",
