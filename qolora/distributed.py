@@ -123,13 +123,13 @@ def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=_options(ignore_frozen_params=True))
 
 
-def load_full_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Put a whole trainable state (every rank passes the same one) into the FSDP shards."""
+def load_full_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Put a whole trainable state (every rank passes the same one, read from ``source``) into the FSDP shards."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(state)
     if missing:
-        raise DistributedError(f"the checkpoint lacks {len(missing)} adapter tensors, the first {sorted(missing)[0]}")
+        raise DistributedError(f"{source} lacks {len(missing)} adapter tensors, the first {sorted(missing)[0]}")
     set_model_state_dict(model, state, options=_options(strict=False))
 
 

@@ -108,6 +108,8 @@ def load_quantized(
     path = resolve_model(path_or_id)
     cdtype = resolve_compute_dtype(compute_dtype).dtype
     pdtype = parse_dtype(dtype, "dtype") if dtype is not None else cdtype
+    if isinstance(quant_storage, str) and quant_storage != "compute":
+        raise ValueError(f'quant_storage: {quant_storage!r}; give a torch.dtype, "compute" or None (uint8)')
     storage = cdtype if quant_storage == "compute" else quant_storage or torch.uint8
     if device_map is None:
         device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}

@@ -148,10 +148,11 @@ class QoloraTrainer(Trainer):
         from .. import distributed
 
         name = self.model.active_adapter
-        saved = load_file(str(Path(resume_from_checkpoint) / "adapter_model.safetensors"))
+        path = Path(resume_from_checkpoint) / "adapter_model.safetensors"
+        saved = load_file(str(path))
         # PEFT's files drop the adapter name from each key: put it back to get the parameter names
         ours = {n.replace(f".{name}.", "."): n for n, p in self.model.named_parameters() if p.requires_grad}
-        distributed.load_full_trainable_state(self.model, {ours.get(k, k): v for k, v in saved.items()})
+        distributed.load_full_trainable_state(self.model, {ours.get(k, k): v for k, v in saved.items()}, str(path))
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001
         """One micro-batch; on the last of an optimizer step, the guard sees the step's loss (the
