@@ -231,6 +231,14 @@ def get_qolora_model(
     return peft_model
 
 
+def meta_peft_model(base: nn.Module, lora_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
+    """The PEFT LoRA structure on a meta-device ``base``, without an init: an FSDP rank other than 0
+    receives every value of rank 0's model into it (``qolora.fsdp.load_sharded_``)."""
+    cfg = copy.deepcopy(lora_config)
+    cfg.init_lora_weights = True
+    return _get_peft_model(base, cfg, adapter_name)
+
+
 def _get_peft_model(model: nn.Module, cfg: Any, adapter_name: str) -> Any:
     """``peft.get_peft_model``, without the FutureWarning PEFT 0.21 itself causes by reading
     transformers' renamed ``is_gradient_checkpointing`` (ours to hide, not the user's to fix)."""

@@ -172,7 +172,8 @@ class TrainConfig:
         "auto",
         "under torchrun / accelerate launch: auto (ddp whenever there is more than one process), ddp (a full "
         "4-bit model per rank, gradients all-reduced), fsdp (FSDP-QLoRA through FSDP2: each rank holds 1/N of "
-        "the 4-bit base and the adapter, for a model no one GPU holds)",
+        "the 4-bit base and the adapter, for a model no one GPU holds; rank 0 alone reads it, onto its CPU, "
+        "and sends it one layer at a time)",
     )
 
     def __post_init__(self) -> None:

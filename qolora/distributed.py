@@ -1,13 +1,12 @@
-"""Several processes: every rank-aware line of QOLoRA lives here.
+"""Several processes: every rank-aware line of QOLoRA lives here and, for FSDP, in ``qolora.fsdp``.
 
 ``torchrun`` and ``accelerate launch`` start the processes and set ``RANK``, ``LOCAL_RANK`` and
 ``WORLD_SIZE``; accelerate's ``PartialState`` joins them into one process group (gloo on the
 CPU, nccl on CUDA) that transformers' Trainer then reuses for DDP, or that FSDP2's
-``fully_shard`` shards the model over (``shard_``). QOLoRA adds no launcher and no communication
+``fully_shard`` shards the model over (``qolora.fsdp``). QOLoRA adds no launcher and no communication
 layer; it uses ``torch.distributed``'s collectives for a barrier around the one init, per-rank
 digests of the whole model before step 1 (docs/design.md, "one init, every rank"), the summed
-token-weighted eval loss, and, under FSDP, torch's full (world-size independent) state dicts of
-the adapter and its optimizer for checkpoints and the saved adapter.
+token-weighted eval loss, and the broadcast of rank 0's base under FSDP.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,77 +73,6 @@ def quant_storage(mode: str) -> str | None:
     """The packed 4-bit storage a mode needs: FSDP shards the packed bytes as parameters of the
     compute dtype (FSDP-QLoRA's rule); one process and DDP keep bitsandbytes' uint8."""
     return "compute" if mode == "fsdp" else None
-
-
-def shard_(model: nn.Module) -> None:
-    """FSDP2 (``torch.distributed.fsdp.fully_shard``) on every decoder layer (the model's
-    ``_no_split_modules``, as accelerate's transformer wrap policy), then on the root.
-
-    Every parameter, the packed 4-bit bytes included, becomes a DTensor holding 1/N of it; a
-    4-bit layer's quant_state (absmax, code) is not a parameter and stays whole on every rank.
-    FSDP2 moves the packed bytes as bytes, so NaN bit patterns in float storage survive
-    (tests/test_distributed.py). Call after the init and its digests, before the optimizer exists.
-    """
-    from torch.distributed.fsdp import fully_shard
-
-    names = set()
-    for m in model.modules():
-        names |= set(getattr(m, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise DistributedError(
-            f"train.distributed=fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules) "
-            "to shard; use ddp"
-        )
-    for layer in layers:
-        fully_shard(layer)
-    fully_shard(model)
-    model._is_accelerate_prepared = True  # accelerate's own mark: sharded already, no DDP wrap on top
-    logger.info("FSDP2: %d decoder layers and the root sharded over %d ranks", len(layers), world().size)
-
-
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def _options(**kw: bool) -> Any:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
-
-
-def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole trainable state (the adapter) as plain CPU tensors on rank 0, gathered from the
-    FSDP shards (a collective: every rank calls it; the others get an empty dict)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    return get_model_state_dict(model, options=_options(ignore_frozen_params=True))
-
-
-def load_full_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Put a whole trainable state (every rank passes the same one, read from ``source``) into the FSDP shards."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-    missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(state)
-    if missing:
-        raise DistributedError(f"{source} lacks {len(missing)} adapter tensors, the first {sorted(missing)[0]}")
-    set_model_state_dict(model, state, options=_options(strict=False))
-
-
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's state for the whole adapter, keyed by parameter name, on rank 0 (a collective):
-    independent of the world size, so a checkpoint resumes on any number of ranks."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=_options())
-
-
-def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, state, options=_options())
 
 
 def setup(w: World) -> None:
@@ -259,6 +187,20 @@ def all_gather(obj: Any, w: World) -> list[Any]:
     return out
 
 
+def broadcast_object(obj: Any, w: World) -> Any:
+    """Rank 0's ``obj`` (pickled), on every rank."""
+    if w.size == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def device(w: World) -> torch.device:
+    """This rank's device: its own GPU, else the CPU."""
+    return torch.device("cuda", w.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def check_same(what: str, value: dict[str, Any], w: World) -> None:
     """Every rank holds the same ``value`` (a flat mapping); else name the first key and rank that differ."""
     values = all_gather(value, w)
@@ -279,7 +221,9 @@ def _hash_tensor(h: Any, t: torch.Tensor) -> None:
 
 
 def layer_digests(
-    model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    model: nn.Module,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    modules: Iterable[tuple[str, nn.Module]] | None = None,
 ) -> dict[str, str]:
     """sha256 per module of everything the model computes with, in module order.
 
@@ -287,9 +231,10 @@ def layer_digests(
     offset, codebooks, shape, dtype, blocksize; ``quant.state_tensors``), so equal digests mean
     a bit-identical dequantized base. Other modules' digests cover their own parameters and
     buffers (LoRA factors included); ``factors`` (the initial B0, A0) are digested per layer.
+    ``modules``: (name, module) pairs to digest instead of all of ``model``'s.
     """
     out: dict[str, str] = {}
-    for name, m in model.named_modules():
+    for name, m in model.named_modules() if modules is None else modules:
         h = hashlib.sha256()
         if quant.is_4bit(m):
             desc, parts = quant.state_tensors(m)
@@ -327,7 +272,12 @@ def verify_same_model(
         DistributedError: on every rank, naming the first layer (in module order) whose digest
             differs from rank 0's, before any training step.
     """
-    mine = layer_digests(model, factors)
+    return compare_digests(layer_digests(model, factors), w)
+
+
+def compare_digests(mine: dict[str, str], w: World) -> list[str]:
+    """Gather every rank's per-layer digests (``layer_digests``) and compare them with rank 0's;
+    the per-rank model digests, in rank order. Raises ``DistributedError`` as ``verify_same_model``."""
     gathered = all_gather(mine, w)
     digests = [model_digest(d) for d in gathered]
     ref = gathered[0]

@@ -126,7 +126,8 @@ class Plan:
         if self.mode.startswith("fsdp"):
             lines.append(
                 "note: a prediction for FSDP-QLoRA (quant storage = compute dtype), as train.distributed: fsdp "
-                "runs it; qolora train has no CPU offload of the shards yet, so --offload is a prediction only"
+                "runs it (rank 0 also holds the whole 4-bit model in CPU RAM while it sends it); qolora train has no "
+                "CPU offload of the shards yet, so --offload is a prediction only"
             )
         return "\n".join(lines)
 

@@ -262,10 +262,11 @@ def fsdp_runs(runs):
     """The reference config on 2 torchrun ranks with train.distributed=fsdp, uninterrupted, and
     again with rank 1 killed (-9) right after checkpoint-4, then --resume."""
     root, out = runs["root"], {}
-    for name, fault in (("fsdp", ""), ("fsdp-kill", "kill")):
+    for name, fault in (("fsdp", ""), ("fsdp-kill", "kill"), ("fsdp-perturb", "perturb")):
         cfg = _config(Path(runs["one"].model), root / name, distributed="fsdp")
         dump_config(cfg, root / f"{name}.yaml")
-        out[name] = (torchrun(root / f"{name}.yaml", fault=fault), root / name / "run")
+        # rank 1 may not open the model's weights: it builds on meta and receives rank 0's
+        out[name] = (torchrun(root / f"{name}.yaml", fault=fault, env={"NO_WEIGHT_READS": "1"}), root / name / "run")
     out["adapter_after_kill"] = (root / "fsdp-kill" / "run" / "adapter").exists()
     out["resume"] = torchrun(root / "fsdp-kill.yaml", "--resume")
     return out
@@ -283,6 +284,12 @@ def test_fsdp_two_ranks_equal_one_rank_and_save_the_whole_adapter(runs, fsdp_run
     assert [h["step"] for h in two["history"]] == list(range(1, STEPS + 1))
     for a, b in zip(one["history"], two["history"]):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (one["history"], two["history"])
+    # each rank holds 1/2 of the model's parameters; rank 1 (on meta until each layer came) never held it whole
+    loads = two["fsdp_load"]
+    whole = loads[0]["model_param_bytes"]
+    assert len(loads) == 2 and all(r["model_param_bytes"] == whole for r in loads)
+    assert all(abs(r["param_bytes"] - whole / 2) <= whole / 100 for r in loads), loads  # buffers stay whole
+    assert loads[1]["peak_param_bytes"] < whole * 0.7 and loads[0]["peak_param_bytes"] == whole  # rank 0: on the CPU
     for a, b in zip(one["eval"], two["eval"]):
         assert abs(a["eval_loss"] - b["eval_loss"]) <= 1e-5
     model = qolora.load_adapter(run / "adapter", progress=False)
@@ -317,6 +324,17 @@ def test_fsdp_kill_9_of_one_rank_then_resume_gives_the_uninterrupted_losses(fsdp
     assert [h["step"] for h in got["history"]] == list(range(1, STEPS + 1))
     assert [h["loss"] for h in got["history"]] == [h["loss"] for h in want["history"]]
     assert [e["eval_loss"] for e in got["eval"]] == [e["eval_loss"] for e in want["eval"]]
+
+
+def test_fsdp_a_layer_that_arrives_changed_on_one_rank_stops_before_step_1(fsdp_runs) -> None:
+    """The negative control of FSDP's broadcast: one bit of one layer's packed 4-bit bytes flipped on
+    rank 1 after it arrived (what a canonicalizing copy of a NaN bit pattern would do) is named."""
+    proc, run = fsdp_runs["fsdp-perturb"]
+    assert proc.returncode != 0
+    line = "the model differs between ranks before step 1: base_model.model.model.layers.1.mlp.up_proj.base_layer"
+    errors = [x for x in proc.stderr.splitlines() if "qolora train: error:" in x]
+    assert errors and all(line in x for x in errors), proc.stderr[-3000:]
+    assert not list(run.glob("checkpoint-*")) and not (run / "adapter").exists()
 
 
 def test_loftq_with_its_base_factors_is_one_init_on_every_rank(runs) -> None:

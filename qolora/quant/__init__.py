@@ -18,6 +18,7 @@ from .nf4 import (
     state_tensors,
 )
 from .source import CheckpointWeights, find_checkpoint, fingerprint, fingerprint_mismatch, resolve_model
+from .transfer import make_4bit_twin_, set_weight_, twin_spec, weight_parts
 
 __all__ = [
     "CheckpointWeights",
@@ -39,6 +40,10 @@ __all__ = [
     "fingerprint_mismatch",
     "is_4bit",
     "linear4bit",
+    "make_4bit_twin_",
+    "set_weight_",
+    "twin_spec",
+    "weight_parts",
     "load_base",
     "load_quantized",
     "meta_model",

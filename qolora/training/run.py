@@ -20,10 +20,10 @@ from typing import Any
 
 from torch import nn
 
-from .. import distributed, quant
+from .. import distributed, fsdp, quant
 from .._io import RunStopped
 from ..adapter_dir import DATA_KEYS, META_FILE
-from ..adapters import check_ranks, get_qolora_model, load_adapter, save_adapter
+from ..adapters import QoloraState, check_ranks, get_qolora_model, load_adapter, meta_peft_model, save_adapter
 from ..config import Config, ConfigError, dump_config, flat_dict
 from ..inits import InitSpec
 from ..quant import check_kernel, meta_model, resolve_model
@@ -97,16 +97,11 @@ def lora_config(cfg: Config) -> Any:
     )
 
 
-def init_once(
-    cfg: Config, base: nn.Module, out: Path, fresh: bool, w: distributed.World, data_format: str
-) -> tuple[nn.Module, list]:
-    """The OLoRA init runs once, on rank 0, and is written to ``initial_adapter/``; every other rank
-    (and a resume) rebuilds that exact base from it without a QR. Per-rank digests then prove that
-    every rank holds the same base and factors (docs/design.md, "one init, every rank")."""
-    initial = out / INITIAL_ADAPTER
-    # in qolora.json: eval, export and generate read it there (the format as detected, not "auto")
-    data = {**{k: getattr(cfg.data, k) for k in DATA_KEYS}, "format": data_format}
-    if fresh and w.is_main:
+def initial_model(
+    cfg: Config, base: nn.Module, out: Path, fresh: bool, data: dict[str, Any], progress: bool = True
+) -> Any:
+    """``fresh``: the init, written to ``initial_adapter/``; else that exact model rebuilt from it (no QR)."""
+    if fresh:
         a = cfg.adapter
         model = get_qolora_model(
             base,
@@ -117,14 +112,60 @@ def init_once(
             init_iters=a.init_iters,
             svd_niter=a.svd_niter,
         )
-        model.qolora_states["default"].meta.data = data
-        save_adapter(model, initial)
+    else:
+        model = load_adapter(out / INITIAL_ADAPTER, base, is_trainable=True, progress=progress)
+    model.qolora_states["default"].meta.data = data  # in qolora.json: eval, export and generate read it there
+    if fresh:
+        save_adapter(model, out / INITIAL_ADAPTER)
+    return model
+
+
+def data_meta(cfg: Config, data_format: str) -> dict[str, Any]:
+    """The data settings an adapter records (the format as detected, not "auto")."""
+    return {**{k: getattr(cfg.data, k) for k in DATA_KEYS}, "format": data_format}
+
+
+def init_once(
+    cfg: Config, base: nn.Module, out: Path, fresh: bool, w: distributed.World, data_format: str
+) -> tuple[nn.Module, list]:
+    """The OLoRA init runs once, on rank 0, and is written to ``initial_adapter/``; every other rank
+    (and a resume) rebuilds that exact base from it without a QR. Per-rank digests then prove that
+    every rank holds the same base and factors (docs/design.md, "one init, every rank")."""
+    data = data_meta(cfg, data_format)
+    if w.is_main:
+        model = initial_model(cfg, base, out, fresh, data)
     distributed.barrier(w)
-    if not (fresh and w.is_main):
-        model = load_adapter(initial, base, is_trainable=True, progress=w.is_main)  # exact base, no QR
-        model.qolora_states["default"].meta.data = data
+    if not w.is_main:
+        model = initial_model(cfg, base, out, False, data, progress=False)
     digests = distributed.verify_same_model(model, w, model.qolora_states["default"].factors)
     return model, digests
+
+
+def init_sharded(
+    cfg: Config, out: Path, fresh: bool, w: distributed.World, data_format: str
+) -> tuple[Any, fsdp.Sharded, float]:
+    """FSDP: rank 0 loads the 4-bit base on the CPU and runs the one init (or rebuilds it from
+    ``initial_adapter/``); every other rank builds the same model on meta and reads no weight;
+    then each layer goes from rank 0 to every rank's device and is sharded at once (``qolora.fsdp``),
+    so a base larger than one GPU starts. Returns the model, what the sharding did, and rank 0's load time."""
+    gc = cfg.train.gradient_checkpointing
+    t0 = time.perf_counter()
+    if w.is_main:
+        base = load_base(cfg, {"": "cpu"}, distributed.quant_storage("fsdp"))
+        load_s = time.perf_counter() - t0
+        twin = quant.twin_spec(base)
+        prepare_for_training_(base, gc)
+        model = initial_model(cfg, base, out, fresh, data_meta(cfg, data_format))
+        s = model.qolora_states["default"]
+        twin = (twin, QoloraState(s.meta, report=s.report), load_s)
+    twin = distributed.broadcast_object(twin if w.is_main else None, w)
+    if not w.is_main:
+        base = meta_model(cfg.model)
+        quant.make_4bit_twin_(base, twin[0])
+        prepare_for_training_(base, gc)
+        model = meta_peft_model(base, lora_config(cfg))
+        model.qolora_states = {"default": twin[1]}
+    return model, fsdp.load_sharded_(model, w, cfg.train.kernel_check), twin[2]
 
 
 @contextlib.contextmanager
@@ -248,17 +289,21 @@ def _train(cfg: Config, resume: bool, mode: str, out: Path, stop: SignalStop | N
     distributed.barrier(w)  # every rank has checked the run dir before rank 0 writes into it
     if w.is_main:
         dump_config(cfg, out / CONFIG_FILE)
-    base = load_base(cfg, w.device_map, distributed.quant_storage(mode))
-    prepare_for_training_(base, cfg.train.gradient_checkpointing)
-    t0 = time.perf_counter()
     fresh = not (resume and (out / INITIAL_ADAPTER / META_FILE).is_file())
-    model, digests = init_once(cfg, base, out, fresh, w, data_stats["format"])
-    init_s = time.perf_counter() - t0  # on rank 0: its init and save, the others' rebuild, the digests
+    if mode == "fsdp":
+        t0 = time.perf_counter()
+        model, sharded, load_s = init_sharded(cfg, out, fresh, w, data_stats["format"])
+        digests, kernel = sharded.digests, sharded.kernel
+        t0 += load_s  # as below: from the loaded base on, here to the last layer sharded
+    else:
+        base = load_base(cfg, w.device_map)
+        prepare_for_training_(base, cfg.train.gradient_checkpointing)
+        t0 = time.perf_counter()
+        model, digests = init_once(cfg, base, out, fresh, w, data_stats["format"])
+        kernel = check_kernel(model) if cfg.train.kernel_check else None  # every rank checks its own device
+    init_s = time.perf_counter() - t0  # rank 0's init and save, the others' rebuild or receipt, the digests
     if resume:
         logger.info("resuming from %s", ckpt if ckpt else "the start: no checkpoint was complete")
-    kernel = check_kernel(model) if cfg.train.kernel_check else None  # on every rank: each checks its own device
-    if mode == "fsdp":  # after the init and its digests, before the optimizer exists
-        distributed.shard_(model)
     report = model.qolora_states["default"].report
     t = cfg.train
     extra = {
@@ -271,6 +316,8 @@ def _train(cfg: Config, resume: bool, mode: str, out: Path, stop: SignalStop | N
         "init_digests": digests,
         "init_s": round(init_s, 3),
     }
+    if mode == "fsdp":
+        extra["fsdp_load"] = distributed.all_gather(sharded.memory, w)  # per rank: parameter bytes held
     logger.info(
         "global batch %d = batch_size %d x grad_accum %d x %d process(es)",
         extra["global_batch"],
@@ -281,7 +328,7 @@ def _train(cfg: Config, resume: bool, mode: str, out: Path, stop: SignalStop | N
     trainer = build_trainer(model, tokenizer, train_ex, eval_ex, cfg, extra, eval_on_start=not resume)
     run_trainer(trainer, ckpt, out, stop, w)
     final = out / FINAL_ADAPTER
-    state = distributed.full_trainable_state(model) if mode == "fsdp" else None  # gathered from every rank
+    state = fsdp.full_trainable_state(model) if mode == "fsdp" else None  # gathered from every rank
     if w.is_main:
         save_adapter(model, final, state_dict=state)
     distributed.barrier(w)

@@ -100,17 +100,17 @@ class QoloraTrainer(Trainer):
         self.run_state = RunState(guard)
         self.run_state.trainer = self
         self.add_callback(self.run_state)
-        from .. import distributed
+        from .. import fsdp
 
-        self.sharded = distributed.is_sharded(self.model)  # FSDP2: checkpoints hold whole, gathered states
+        self.sharded = fsdp.is_sharded(self.model)  # FSDP2: checkpoints hold whole, gathered states
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The adapter as transformers saves it; an FSDP model's is first gathered whole from its shards."""
         if not self.sharded:
             return super().save_model(output_dir, _internal_call)
-        from .. import distributed
+        from .. import fsdp
 
-        state = distributed.full_trainable_state(self.model)  # a collective: every rank takes part
+        state = fsdp.full_trainable_state(self.model)  # a collective: every rank takes part
         if self.args.should_save:
             self._save(output_dir or self.args.output_dir, state_dict=state)
 
@@ -121,9 +121,9 @@ class QoloraTrainer(Trainer):
             return super()._save_optimizer_and_scheduler(output_dir)
         from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
-        from .. import distributed
+        from .. import fsdp
 
-        state = distributed.full_optimizer_state(self.model, _inner(self.optimizer))
+        state = fsdp.full_optimizer_state(self.model, _inner(self.optimizer))
         if self.args.should_save:
             torch.save(state, Path(output_dir) / OPTIMIZER_NAME)
             torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)
@@ -133,10 +133,10 @@ class QoloraTrainer(Trainer):
             return super()._load_optimizer_and_scheduler(checkpoint)
         from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
-        from .. import distributed
+        from .. import fsdp
 
         state = torch.load(Path(checkpoint) / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
-        distributed.load_full_optimizer_state(self.model, _inner(self.optimizer), state)
+        fsdp.load_full_optimizer_state(self.model, _inner(self.optimizer), state)
         self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / SCHEDULER_NAME, weights_only=True))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
@@ -145,14 +145,14 @@ class QoloraTrainer(Trainer):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         from safetensors.torch import load_file
 
-        from .. import distributed
+        from .. import fsdp
 
         name = self.model.active_adapter
         path = Path(resume_from_checkpoint) / "adapter_model.safetensors"
         saved = load_file(str(path))
         # PEFT's files drop the adapter name from each key: put it back to get the parameter names
         ours = {n.replace(f".{name}.", "."): n for n, p in self.model.named_parameters() if p.requires_grad}
-        distributed.load_full_trainable_state(self.model, {ours.get(k, k): v for k, v in saved.items()}, str(path))
+        fsdp.load_full_trainable_state(self.model, {ours.get(k, k): v for k, v in saved.items()}, str(path))
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001
         """One micro-batch; on the last of an optimizer step, the guard sees the step's loss (the

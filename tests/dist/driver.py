@@ -1,12 +1,16 @@
 """``qolora train``, under a launcher or alone, with one fault injected (tests/test_distributed.py,
 tests/test_faults.py).
 
-FAULT=perturb: rank 1's 4-bit residual of one layer is moved after it is rebuilt.
+FAULT=perturb: rank 1's 4-bit residual of one layer is moved after it is rebuilt (under fsdp:
+               after it arrives from rank 0, one bit of its packed bytes).
 FAULT=config:  rank 1 gets another train.lr.
 FAULT=kill:    rank 1 kills itself with SIGKILL right after checkpoint-4 is saved.
 FAULT=signal:  the process sends itself $SIGNAL (SIGTERM, SIGINT) as step 4 begins, from outside the loop
                (only rank $SIGNAL_RANK, if set).
 FAULT=pause:   at step 2 the run touches $PAUSED and waits for $GO to exist: a run busy training.
+
+NO_WEIGHT_READS=1: every rank but 0 fails the run if it opens the model's weights (transformers'
+``from_pretrained``, QOLoRA's checkpoint stream).
 """
 
 import os
@@ -15,8 +19,11 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
+import qolora.fsdp
+import qolora.quant.source
 import qolora.training.run as run
 from qolora import cli, quant
 
@@ -36,7 +43,26 @@ def add_callback(callback: TrainerCallback) -> None:
     run.build_trainer = build_with_callback
 
 
+if os.environ.get("NO_WEIGHT_READS") and rank != 0:
+    import transformers
+
+    def refuse(*a, **k):
+        raise RuntimeError(f"rank {rank} read model weights: {a[1:2]}")
+
+    transformers.PreTrainedModel.from_pretrained = classmethod(refuse)
+    qolora.quant.source.safe_open = refuse
+
 if fault == "perturb":
+    install = qolora.fsdp._install_
+    target = "layers.1.mlp.up_proj.base_layer.weight"
+
+    def install_perturbed(model, entries, flat):
+        install(model, entries, flat)
+        name = next((n for e in entries for n in e["names"] if n.endswith(target)), None)
+        if rank == 1 and name:
+            model.get_submodule(name.removesuffix(".weight")).weight.data.view(-1).view(torch.uint8)[0] ^= 1
+
+    qolora.fsdp._install_ = install_perturbed
     load = run.load_adapter
 
     def load_perturbed(*a, **k):
