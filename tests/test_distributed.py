@@ -152,9 +152,11 @@ def test_accelerate_launch_gives_the_same_run(runs) -> None:
     assert got["world_size"] == 2 and [h["loss"] for h in got["history"]] == [h["loss"] for h in want["history"]]
 
 
-def fault_run(runs: dict, name: str, fault: str, **env: str) -> tuple[subprocess.CompletedProcess, Path]:
+def fault_run(
+    runs: dict, name: str, fault: str, distributed: str = "auto", **env: str
+) -> tuple[subprocess.CompletedProcess, Path]:
     """The test config in its own folder ``name``, on 2 torchrun ranks with ``fault`` injected."""
-    cfg = _config(Path(runs["one"].model), runs["root"] / name)
+    cfg = _config(Path(runs["one"].model), runs["root"] / name, distributed=distributed)
     dump_config(cfg, runs["root"] / f"{name}.yaml")
     return torchrun(runs["root"] / f"{name}.yaml", fault=fault, env=env), runs["root"] / name / "run"
 
@@ -213,6 +215,20 @@ def test_sigterm_to_one_rank_checkpoints_the_same_step_on_every_rank_then_resume
     assert [h["loss"] for h in got["history"]] == [h["loss"] for h in want["history"]]
 
 
+def test_fsdp_sigterm_to_one_rank_checkpoints_the_same_step_then_resume(runs, fsdp_runs) -> None:
+    """A scheduler's SIGTERM under FSDP: the gathered checkpoint of the agreed step is written and
+    sealed, both ranks exit in one line, and --resume gives the uninterrupted FSDP run's losses."""
+    proc, run_dir = fault_run(runs, "fsdp-sigterm", "signal", distributed="fsdp", SIGNAL="SIGTERM", SIGNAL_RANK="1")
+    assert proc.returncode != 0
+    stops = [x for x in proc.stderr.splitlines() if x.startswith("qolora train: [rank ")]
+    assert len(stops) == 2 and all("stopped by SIGTERM: wrote checkpoint-4 in" in x for x in stops), proc.stderr[-3000:]
+    assert run_dir_module.seal_problem(run_dir / "checkpoint-4") is None and not (run_dir / "adapter").exists()
+    proc = torchrun(runs["root"] / "fsdp-sigterm.yaml", "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, want = metrics(run_dir), metrics(fsdp_runs["fsdp"][1])
+    assert [h["loss"] for h in got["history"]] == [h["loss"] for h in want["history"]]
+
+
 def test_digests_cover_the_quant_state_not_only_the_packed_data(llama_dir) -> None:
     """A parameter broadcast would carry the packed bytes; the digest must also see the quant_state."""
     from qolora.distributed import World, layer_digests, resolve_mode
@@ -253,6 +269,7 @@ def test_fsdp2_shards_the_4bit_base_to_the_plan_and_keeps_it_bit_identical(llama
         assert r["nan_bit_patterns_in_packed"] > 0  # so a canonicalizing copy would show
         assert r["packed_bit_identical_after_unshard"] and r["dequantized_bit_identical_after_unshard"]
         assert r["loss_equal"] and r["grads_equal"]
+        assert r["grad_norm_rel_diff"] < 1e-6  # the guard's norm from the shards, one all-reduce
     assert ranks[0]["adapter_keys"] == 28 and ranks[0]["adapter_full_and_equal"]
     assert ranks[1]["adapter_keys"] == 0  # gathered to rank 0 only
 

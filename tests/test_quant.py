@@ -90,3 +90,31 @@ def test_checkpoint_found_in_local_hf_cache(llama_dir, tmp_path, monkeypatch) ->
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert quant.find_checkpoint("acme/tiny") == snap
     assert quant.find_checkpoint("acme/not-cached") is None
+
+
+@pytest.mark.parametrize("double", [True, False])
+def test_a_4bit_weight_sent_as_bytes_rebuilds_bit_identically_on_a_meta_twin(double: bool) -> None:
+    """What an FSDP rank other than 0 does with rank 0's layer (``qolora.fsdp``): a meta copy of the
+    module tree gets ``Linear4bit`` where rank 0 has one, and the packed data and whole quant_state,
+    as raw bytes, make the same weight: bit-equal dequantization and forward, NaN bit patterns kept."""
+    g = torch.Generator().manual_seed(0)
+    settings = quant.QuantSettings(double_quant=double, quant_storage=torch.float32)
+    src = nn.Sequential(quant.linear4bit(torch.randn(128, 64, generator=g), settings, torch.float32))
+    spec = quant.twin_spec(src)
+    with torch.device("meta"):
+        twin = nn.Sequential(nn.Linear(64, 128, bias=False))
+    quant.make_4bit_twin_(twin, spec)
+    assert quant.is_4bit(twin[0]) and twin[0].weight.device.type == "meta"
+    info, parts = quant.weight_parts(src[0])
+    sent = {k: t.contiguous().view(-1).view(torch.uint8).clone().view(t.dtype).reshape(t.shape) for k, t in parts}
+    quant.set_weight_(twin[0], info, sent)
+    assert torch.equal(quant.dequantize(twin[0]), quant.dequantize(src[0]))
+    assert torch.equal(twin[0].weight.data.view(torch.int32), src[0].weight.data.view(torch.int32))
+    x = torch.randn(3, 64, generator=g)
+    with torch.no_grad():
+        assert torch.equal(twin(x), src(x))
+    assert quant.state_tensors(twin[0])[0] == quant.state_tensors(src[0])[0]  # shape, dtype, blocksize, nesting
+    with torch.device("meta"):
+        wrong = nn.Sequential(nn.Linear(64, 64, bias=False))
+    with pytest.raises(ValueError, match="0: rank 0 has a 4-bit layer here"):
+        quant.make_4bit_twin_(wrong, spec)

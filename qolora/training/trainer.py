@@ -65,13 +65,25 @@ def prepare_for_training_(model: nn.Module, gradient_checkpointing: bool) -> Non
 
 
 def grad_norm(model: nn.Module) -> float:
-    """The 2-norm of every trainable parameter's gradient (all-reduced already under DDP; an FSDP
-    shard's gradient is gathered whole first, the adapter's being small)."""
+    """The 2-norm of every trainable parameter's gradient (all-reduced already under DDP). Under
+    FSDP each rank sums the squares of its gradient shards and one all-reduce adds them up: the
+    shards are disjoint, so nothing is gathered whole."""
     from torch.distributed.tensor import DTensor
 
-    grads = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for p in model.parameters()]
-    norms = [torch.linalg.vector_norm(g.float()) for g in grads if g is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    plain, shards = [], []
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if isinstance(p.grad, DTensor):
+            shards.append(p.grad.to_local().float().pow(2).sum())
+        else:
+            plain.append(torch.linalg.vector_norm(p.grad.float()).pow(2))
+    total = torch.stack(plain).sum() if plain else torch.zeros(())
+    if shards:
+        local = torch.stack(shards).sum()
+        torch.distributed.all_reduce(local)  # every rank holds sharded gradients, so every rank joins
+        total = total.to(local.device) + local
+    return float(total.sqrt())
 
 
 class QoloraTrainer(Trainer):

@@ -54,6 +54,9 @@ def main() -> None:
     ref = model(input_ids=x, labels=x).loss
     ref.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    from qolora.training.trainer import grad_norm
+
+    ref_norm = grad_norm(model)
     model.zero_grad(set_to_none=True)
 
     for layer in model.base_model.model.model.layers:
@@ -68,6 +71,7 @@ def main() -> None:
         for n, p in model.named_parameters()
         if p.requires_grad
     )
+    norm = grad_norm(model)  # a collective: the shards' squares summed over ranks
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     adapter = {k: v for k, v in sd.items() if "lora_" in k}
     for m in model.modules():
@@ -94,6 +98,7 @@ def main() -> None:
         "dequantized_bit_identical_after_unshard": deq_same,
         "loss_equal": bool(torch.equal(loss.detach(), ref.detach())),
         "grads_equal": grads_equal,
+        "grad_norm_rel_diff": abs(norm - ref_norm) / ref_norm,
         "adapter_keys": len(adapter),
         "adapter_full_and_equal": rank != 0
         or (set(adapter) == set(lora) and all(torch.equal(adapter[k].cpu(), lora[k]) for k in lora)),
