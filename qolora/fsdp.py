@@ -23,7 +23,7 @@ from torch import nn
 
 from . import quant
 from .distributed import DistributedError, World, broadcast_object, compare_digests, device, layer_digests
-from .quant.transfer import set_weight_, weight_parts
+from .quant import set_weight_, weight_parts
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def _entries(modules: list[tuple[str, nn.Module]], sent: set[int]) -> tuple[list
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+    return torch.Size(shape).numel() * dtype.itemsize
 
 
 def _broadcast_bytes(tensors: list[torch.Tensor] | None, total: int, dev: torch.device, w: World) -> torch.Tensor:
@@ -116,6 +116,8 @@ def _install_(model: nn.Module, entries: list[dict[str, Any]], flat: torch.Tenso
             n = _nbytes(shape, dtype)
             parts[p] = flat[offset : offset + n].clone().view(dtype).reshape(shape)
             offset += n
+        if e["kind"] == "param":  # one Parameter for all its names: tied weights stay tied
+            param = nn.Parameter(parts["tensor"], requires_grad=e["requires_grad"])
         for name in e["names"]:
             mname, _, key = name.rpartition(".")
             try:
@@ -125,8 +127,6 @@ def _install_(model: nn.Module, entries: list[dict[str, Any]], flat: torch.Tenso
             if e["kind"] == "4bit":
                 set_weight_(m, e["info"], parts)
             elif e["kind"] == "param":
-                if name == e["names"][0]:
-                    param = nn.Parameter(parts["tensor"], requires_grad=e["requires_grad"])
                 m._parameters[key] = param
             else:
                 m._buffers[key] = parts["tensor"]

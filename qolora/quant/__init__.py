@@ -16,9 +16,10 @@ from .nf4 import (
     requantize_,
     roundtrip,
     state_tensors,
+    weight_parts,
 )
 from .source import CheckpointWeights, find_checkpoint, fingerprint, fingerprint_mismatch, resolve_model
-from .transfer import make_4bit_twin_, set_weight_, twin_spec, weight_parts
+from .transfer import make_4bit_twin_, set_weight_, twin_spec
 
 __all__ = [
     "CheckpointWeights",

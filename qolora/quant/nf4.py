@@ -117,21 +117,38 @@ def quant_settings(layer: nn.Module) -> QuantSettings:
     )
 
 
-def state_tensors(layer: nn.Module) -> tuple[str, list[tuple[str, torch.Tensor]]]:
-    """Everything a ``Linear4bit`` weight is made of: a description and its tensors, in order.
-
-    The description holds the shape, dtype, quant type, blocksize and storage dtype; the tensors
-    are the packed data, absmax, and with double quantization the nested absmax, offset and
-    both codebooks. Two layers with equal descriptions and bit-equal tensors dequantize alike.
-    """
+def weight_parts(layer: nn.Module) -> tuple[dict[str, Any], list[tuple[str, torch.Tensor]]]:
+    """A ``Linear4bit`` weight as (settings, tensors), in order: the packed data, absmax and
+    codebook, and with double quantization the offset, nested absmax and nested codebook. The
+    settings hold the shape, dtype, quant type, blocksize and nesting (``transfer.set_weight_``)."""
     _standard_layout(layer)
     w = layer.weight
     qs = w.quant_state
-    desc = f"{tuple(qs.shape)} {qs.dtype} {qs.quant_type} bs{qs.blocksize} {w.data.dtype}{tuple(w.data.shape)}"
+    info: dict[str, Any] = {
+        "shape": tuple(qs.shape),
+        "dtype": qs.dtype,
+        "blocksize": int(qs.blocksize),
+        "quant_type": qs.quant_type,
+        "nested": bool(qs.nested),
+    }
     parts = [("data", w.data), ("absmax", qs.absmax), ("code", qs.code)]
     if qs.nested:
-        desc += f" nested bs{qs.state2.blocksize}"
+        info["state2"] = {"blocksize": int(qs.state2.blocksize), "dtype": qs.state2.dtype}
         parts += [("offset", qs.offset), ("state2.absmax", qs.state2.absmax), ("state2.code", qs.state2.code)]
+    return info, parts
+
+
+def state_tensors(layer: nn.Module) -> tuple[str, list[tuple[str, torch.Tensor]]]:
+    """Everything a ``Linear4bit`` weight is made of: a description and its tensors (``weight_parts``).
+
+    The description holds the shape, dtype, quant type, blocksize and storage dtype. Two layers
+    with equal descriptions and bit-equal tensors dequantize alike.
+    """
+    info, parts = weight_parts(layer)
+    data = layer.weight.data
+    desc = f"{info['shape']} {info['dtype']} {info['quant_type']} bs{info['blocksize']} {data.dtype}{tuple(data.shape)}"
+    if info["nested"]:
+        desc += f" nested bs{info['state2']['blocksize']}"
     return desc, parts
 
 

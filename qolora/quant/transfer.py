@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .nf4 import _bnb, _standard_layout, is_4bit
+from .nf4 import _bnb, is_4bit
 
 
 def twin_spec(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -56,27 +56,8 @@ def make_4bit_twin_(model: nn.Module, spec: dict[str, dict[str, Any]]) -> None:
         setattr(modules[parent] if parent else model, child, new)
 
 
-def weight_parts(layer: nn.Module) -> tuple[dict[str, Any], list[tuple[str, torch.Tensor]]]:
-    """A ``Linear4bit`` weight as (settings, tensors): the packed data and the whole quant_state."""
-    _standard_layout(layer)
-    w = layer.weight
-    qs = w.quant_state
-    info = {
-        "shape": tuple(qs.shape),
-        "dtype": qs.dtype,
-        "blocksize": int(qs.blocksize),
-        "quant_type": qs.quant_type,
-        "nested": bool(qs.nested),
-    }
-    parts = [("data", w.data), ("absmax", qs.absmax), ("code", qs.code)]
-    if qs.nested:
-        info["state2"] = {"blocksize": int(qs.state2.blocksize), "dtype": qs.state2.dtype}
-        parts += [("offset", qs.offset), ("state2.absmax", qs.state2.absmax), ("state2.code", qs.state2.code)]
-    return info, parts
-
-
 def set_weight_(layer: nn.Module, info: dict[str, Any], parts: dict[str, torch.Tensor]) -> None:
-    """Give ``layer`` (a ``Linear4bit``, on meta or not) the weight ``weight_parts`` described, in place:
+    """Give ``layer`` (a ``Linear4bit``, on meta or not) the weight ``nf4.weight_parts`` described, in place:
     the tensors are used as given (no copy, no re-quantization), so the base is bit-identical."""
     bnb = _bnb()
     functional = bnb.functional

@@ -153,19 +153,19 @@ def init_sharded(
     if w.is_main:
         base = load_base(cfg, {"": "cpu"}, distributed.quant_storage("fsdp"))
         load_s = time.perf_counter() - t0
-        twin = quant.twin_spec(base)
+        spec = quant.twin_spec(base)  # before PEFT wraps the 4-bit layers: names as in the config's model
         prepare_for_training_(base, gc)
         model = initial_model(cfg, base, out, fresh, data_meta(cfg, data_format))
-        s = model.qolora_states["default"]
-        twin = (twin, QoloraState(s.meta, report=s.report), load_s)
-    twin = distributed.broadcast_object(twin if w.is_main else None, w)
+        state = model.qolora_states["default"]
+        state = QoloraState(state.meta, report=state.report)  # the factors stay with rank 0, which saves
+    spec, state, load_s = distributed.broadcast_object((spec, state, load_s) if w.is_main else None, w)
     if not w.is_main:
         base = meta_model(cfg.model)
-        quant.make_4bit_twin_(base, twin[0])
+        quant.make_4bit_twin_(base, spec)
         prepare_for_training_(base, gc)
         model = meta_peft_model(base, lora_config(cfg))
-        model.qolora_states = {"default": twin[1]}
-    return model, fsdp.load_sharded_(model, w, cfg.train.kernel_check), twin[2]
+        model.qolora_states = {"default": state}
+    return model, fsdp.load_sharded_(model, w, cfg.train.kernel_check), load_s
 
 
 @contextlib.contextmanager
