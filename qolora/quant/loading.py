@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,6 +19,55 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
+
+
+# nn.Linear subclasses whose forward is exactly nn.Linear's (x @ Wᵀ + b). transformers 5 converts
+# only modules whose type *is* nn.Linear, so these stayed in full precision; QOLoRA has them converted.
+LINEAR_EQUIVALENT = ("FalconLinear",)
+
+
+@contextlib.contextmanager
+def linear_subclasses_as_linear() -> Iterator[None]:
+    """While loading, ``LINEAR_EQUIVALENT`` modules are plain ``nn.Linear`` to transformers' bitsandbytes
+    conversion, which then makes them ``Linear4bit`` like every other linear layer.
+
+    Note:
+        The conversion runs inside ``from_pretrained`` on the meta model, before any weight is read;
+        this wraps the quantizer's hook for that step (``Bnb4BitHfQuantizer``) for the call only.
+    """
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+
+    original = Bnb4BitHfQuantizer._process_model_before_weight_loading
+
+    def before_weight_loading(self: Any, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and type(m).__name__ in LINEAR_EQUIVALENT:
+                m.__class__ = nn.Linear
+        return original(self, model, *args, **kwargs)
+
+    Bnb4BitHfQuantizer._process_model_before_weight_loading = before_weight_loading
+    try:
+        yield
+    finally:
+        Bnb4BitHfQuantizer._process_model_before_weight_loading = original
+
+
+def full_precision_linears(model: nn.Module, allowed: set[str]) -> list[tuple[str, int]]:
+    """(name, extra bytes over 4-bit) of every linear layer (nn.Linear, its subclasses, Conv1D) of
+    ``model`` that is not 4-bit, leaving out the output embeddings and the modules ``allowed`` names
+    (full names or suffixes, as transformers' skip list) or the model keeps in fp32."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    keys = set(allowed) | set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    found = []
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        skipped = any(name == k or name.endswith("." + k) or name.startswith(k + ".") for k in keys)
+        if m is head or skipped or w is None or getattr(w, "ndim", 0) != 2:
+            continue
+        if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D":
+            if not hasattr(w, "quant_state"):
+                found.append((name, int(w.numel() * (w.element_size() - 0.5))))
+    return found
 
 
 def bnb_config(
@@ -125,17 +176,27 @@ def load_quantized(
                 device,
                 ", ".join(odd[:6]),
             )
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        quantization_config=bnb_config(
-            cdtype, quant_type, double_quant, storage, skip_modules=sorted(set(defaults) | set(skip_modules))
-        ),
-        dtype=pdtype,
-        device_map=device_map,
-        trust_remote_code=trust_remote_code,
-        **kwargs,
-    )
+    skipped = sorted(set(defaults) | set(skip_modules))
+    with linear_subclasses_as_linear():
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            quantization_config=bnb_config(cdtype, quant_type, double_quant, storage, skip_modules=skipped),
+            dtype=pdtype,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            **kwargs,
+        )
     keep_standard_layout_(model)
+    silent = full_precision_linears(model, set(skipped))
+    if silent:
+        logger.warning(
+            "%d linear layers stayed in full precision (%s: transformers' 4-bit conversion does not cover their "
+            "type), %.1f MiB more than 4-bit: %s",
+            len(silent),
+            ", ".join(sorted({type(model.get_submodule(n)).__name__ for n, _ in silent})),
+            sum(b for _, b in silent) / 2**20,
+            ", ".join(n for n, _ in silent[:6]) + (", ..." if len(silent) > 6 else ""),
+        )
     if skip_modules:
         kept = set(skip_modules)
         extra = sum(
