@@ -21,7 +21,7 @@ from ..adapter_dir import DATA_KEYS, read_adapter_dir
 from ..adapters import load_adapter, load_recorded_base
 from ..config import DataConfig
 from .data import load_rows
-from .losses import token_loss_sum
+from .losses import CE_CHUNK, token_loss_sum, verified_ce_chunk
 from .tokenize import Collator, Encoder, head, take
 
 
@@ -41,10 +41,12 @@ def completion_loss(
     model.eval()
     collate = Collator(pad_id)
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total, count, chunk = 0.0, 0, None
     for i in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch"):
         batch = {k: v.to(device) for k, v in collate(take(examples, i, i + batch_size)).items()}
-        ce, n = token_loss_sum(model, batch)
+        if i == 0:  # the chunked CE only where it matched the model's own loss
+            chunk, _ = verified_ce_chunk(model, batch, CE_CHUNK)
+        ce, n = token_loss_sum(model, batch, chunk)
         total += float(ce)
         count += int(n)
     loss = total / max(count, 1)

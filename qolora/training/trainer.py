@@ -20,7 +20,7 @@ from ..config import Config, ConfigError
 from . import run_dir
 from .callbacks import MetricsCallback
 from .guard import DivergenceGuard, RunState
-from .losses import causal_lm, supports_chunked_ce, token_loss_sum
+from .losses import LossCheck, causal_lm, supports_chunked_ce, token_loss_sum, verified_ce_chunk
 from .lr import resolve_lr
 from .tokenize import Collator
 
@@ -109,6 +109,8 @@ class QoloraTrainer(Trainer):
         self._step_loss: torch.Tensor | None = None
         self.unverified: Path | None = None  # the newest checkpoint, until the next step's loss is seen
         self.save_deferred = False  # a save a suspect step held back
+        self.loss_check: LossCheck | None = None
+        self.loss_checked = False  # the chunked CE is trusted after it matched the model's own loss (check_loss_once)
         self.run_state = RunState(guard)
         self.run_state.trainer = self
         self.add_callback(self.run_state)
@@ -250,11 +252,39 @@ class QoloraTrainer(Trainer):
         elif w.is_main and self.keep_checkpoints:
             run_dir.rotate(out, self.keep_checkpoints)
 
+    def check_loss_once(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
+        """On the first batch the trainer computes a loss on (the step-0 eval's or the first step's),
+        the chunked CE is compared with the model's own loss (``losses.check_loss``); if any rank's
+        differs, every rank uses the full logits from then on, said in one line. Both figures go to
+        ``metrics.json`` (``loss_check``).
+
+        Note:
+            It runs inside the Trainer, on the model as wrapped for training: an FSDP2 model's first
+            forward must come after accelerate has prepared it, and every rank takes part.
+        """
+        if self.loss_checked:
+            return
+        self.loss_checked = True
+        from .. import distributed
+
+        _, check = verified_ce_chunk(model, inputs, self.ce_chunk)
+        if check is None:
+            return
+        checks = distributed.all_gather(check, distributed.world())
+        if any(not c.ok for c in checks):
+            self.ce_chunk, check = None, next(c for c in checks if not c.ok)
+        self.loss_check = check
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, MetricsCallback):
+                cb.extra["loss_check"] = {**check.to_dict(), "ce": "chunked" if self.ce_chunk else "full logits"}
+
     def loss_sum(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token CE over the label tokens, and their count (``losses.token_loss_sum``)."""
+        self.check_loss_once(model, inputs)
         return token_loss_sum(model, inputs, self.ce_chunk)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        self.check_loss_once(model, inputs)
         offload = (
             torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
             if self.offload and model.training
