@@ -123,9 +123,62 @@ class GGUFResult:
         )
 
 
+def converter_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``config.json`` as llama.cpp's converter reads it: transformers 5 writes some families' settings
+    under new names (or fills defaults in) that the pinned converter does not read.
+
+    - GPT-2: ``n_ctx`` (the converter's context length) is ``n_positions``; transformers 5 drops it.
+    - GPT-NeoX: ``rotary_pct`` is ``rope_parameters.partial_rotary_factor`` in transformers 5.
+    - Falcon (multi-query, old decoder): transformers 5 writes ``num_kv_heads`` = the head count, which
+      the model ignores (it uses one KV head) and the converter reads: it is 1.
+
+    Returns a new dict; the merged export's own config.json (read by transformers) is not changed.
+    """
+    out = dict(cfg)
+    kind = cfg.get("model_type")
+    if kind == "gpt2" and "n_ctx" not in cfg and "n_positions" in cfg:
+        out["n_ctx"] = cfg["n_positions"]
+    if kind == "gpt_neox" and "rotary_pct" not in cfg:
+        rope = cfg.get("rope_parameters") or {}
+        out["rotary_pct"] = cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+        if "rope_theta" in rope and "rotary_emb_base" not in cfg:
+            out["rotary_emb_base"] = rope["rope_theta"]
+    if kind == "falcon" and cfg.get("multi_query") and not cfg.get("new_decoder_architecture"):
+        out["num_kv_heads"] = 1
+    return out
+
+
+# The converter reads config.json through transformers' AutoConfig, whose transformers 5 classes drop
+# the legacy keys it then asks for (GPT-NeoX's rotary_pct): it runs with config.json's own keys kept
+# beside AutoConfig's. Used where the converter has conversion/base.py (the pinned one does).
+_KEEP_CONFIG_KEYS = """import json, runpy, sys
+from pathlib import Path
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path.insert(0, str(Path(script).parent))
+from conversion import base
+load = base.ModelBase.load_hparams
+def load_hparams(dir_model, is_mistral_format):
+    cfg = load(dir_model, is_mistral_format)
+    raw = Path(dir_model) / "config.json"
+    if not is_mistral_format and raw.is_file():
+        for k, v in json.loads(raw.read_text()).items():
+            cfg.setdefault(k, v)
+    return cfg
+base.ModelBase.load_hparams = staticmethod(load_hparams)
+runpy.run_path(script, run_name="__main__")
+"""
+
+
 def _convert(converter: Path, merged: Path, out: Path, outtype: str, name: str) -> None:
+    import json
+
+    cfg_path = merged / "config.json"  # the temporary merged export's: rewritten for the converter
+    cfg_path.write_text(json.dumps(converter_config(json.loads(cfg_path.read_text())), indent=2))
+    keep = ["-c", _KEEP_CONFIG_KEYS] if (converter / "conversion" / "base.py").is_file() else []
     cmd = [
         sys.executable,
+        *keep,
         str(converter / "convert_hf_to_gguf.py"),
         str(merged),
         "--outfile",
