@@ -251,7 +251,7 @@ def make_bpe_tokenizer():
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    chat = ["<|im_start|>", "<|im_end|>"]
+    chat = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]  # the last: Qwen2's tokenizer class adds it if missing
     pad = [f"<|reserved_{i}|>" for i in range(-(len(tk.get_vocab()) + 2) % 64)]  # 64 | vocab: bitsandbytes' kernels
     tok.add_special_tokens({"additional_special_tokens": chat + pad})
     tok.chat_template = CHAT_TEMPLATE
