@@ -64,7 +64,12 @@ def _init_spec(lora_config: LoraConfig, init: str | None, init_iters: int | None
     return InitSpec(init, 1 if init_iters is None else init_iters, svd_niter)
 
 
-def _check_config(lora_config: LoraConfig) -> None:
+def _check_config(lora_config: LoraConfig, spec: InitSpec) -> None:
+    if getattr(lora_config, "target_parameters", None) and spec.factored:
+        raise ValueError(
+            f"target_parameters: {list(lora_config.target_parameters)} are parameters, not layers, and the "
+            f"{spec.method} init factors linear layers only; train them with init lora, or target their modules"
+        )
     if getattr(lora_config, "use_dora", False):
         raise ValueError("use_dora: DoRA is not supported with QOLoRA's OLoRA init; set use_dora=False")
     if getattr(lora_config, "lora_bias", False):
@@ -117,31 +122,61 @@ def _layer_shape(m: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def check_ranks(model: nn.Module, lora_config: LoraConfig) -> None:
-    """Check r against every layer ``lora_config`` targets, before PEFT allocates any factor.
+def resolved_targets(model: nn.Module, lora_config: LoraConfig) -> LoraConfig:
+    """``lora_config`` with ``target_modules`` as PEFT resolves it for ``model``: PEFT's default for
+    the model type where none is given (``get_peft_model(model, LoraConfig())`` does the same), and
+    "all-linear" expanded. A copy; ``lora_config`` is not changed.
 
     Raises:
-        ValueError: naming the targeted layer with the smallest min(out, in), when r exceeds it.
+        ValueError: no target_modules, no target_parameters and no PEFT default for the model type.
     """
-    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
 
-    cfg = _maybe_include_all_linear_layers(copy.deepcopy(lora_config), model)
-    ranks = [lora_config.r, *getattr(lora_config, "rank_pattern", {}).values()]
-    r = max(ranks)
+    cfg = copy.deepcopy(lora_config)
+    if cfg.target_modules is None:
+        kind = getattr(getattr(model, "config", None), "model_type", None)
+        found = DEFAULTS.get(kind)
+        if found is None and not getattr(cfg, "target_parameters", None):
+            raise ValueError(
+                f"adapter.target_modules: none given and PEFT has no default for model type {kind!r}; "
+                "name the layers (for example all-linear)"
+            )
+        cfg.target_modules = found if found is None or isinstance(found, str) else set(found)
+    return _maybe_include_all_linear_layers(cfg, model) if cfg.target_modules is not None else cfg
+
+
+def check_ranks(model: nn.Module, lora_config: LoraConfig) -> None:
+    """Check each targeted layer's rank (``r``, or its ``rank_pattern`` entry) against the layer,
+    before PEFT allocates any factor. Targets are PEFT's: default target_modules, ``exclude_modules``,
+    ``layers_to_transform`` and ``modules_to_save`` are honoured as ``get_peft_model`` honours them.
+
+    Raises:
+        ValueError: naming the first targeted layer whose rank exceeds its min(out, in).
+    """
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils.other import get_pattern_key
+
+    cfg = resolved_targets(model, lora_config)
+    if cfg.target_modules is None:
+        return  # target_parameters only: PEFT checks its own
+    pattern = getattr(lora_config, "rank_pattern", None) or {}
     targeted = [(name, m) for name, m in model.named_modules() if check_target_module_exists(cfg, name)]
     if not targeted:
         t = lora_config.target_modules
         raise ValueError(
             f"adapter.target_modules: {sorted(t) if isinstance(t, (set, list)) else t!r} matches no layer of the model"
         )
-    shapes = [(min(shape), name, shape) for name, m in targeted if (shape := _layer_shape(m))]
-    if not shapes:
-        return  # embeddings only: iter_targets names them for OLoRA; PEFT checks its own
-    if r > min(shapes)[0]:
-        limit, name, shape = min(shapes)
-        raise ValueError(
-            f"adapter.r: rank {r} exceeds min(out, in) = {limit} of {name} ({shape[0]}x{shape[1]}); choose r <= {limit}"
-        )
+    for name, m in targeted:
+        shape = _layer_shape(m)
+        key = get_pattern_key(list(pattern), name)
+        r = pattern.get(key, lora_config.r)
+        if shape and r > min(shape):
+            which = f"rank_pattern[{key!r}]: rank {r}" if key in pattern else f"adapter.r: rank {r}"
+            raise ValueError(
+                f"{which} exceeds min(out, in) = {min(shape)} of {name} ({shape[0]}x{shape[1]}); "
+                f"choose r <= {min(shape)}"
+            )
 
 
 def _check_base(model: nn.Module) -> None:
@@ -199,7 +234,7 @@ def get_qolora_model(
         A ``peft.PeftModel``; ``model.qolora_states[adapter_name].report`` is the init report.
     """
     spec = _init_spec(lora_config, init, init_iters, svd_niter)
-    _check_config(lora_config)
+    _check_config(lora_config, spec)
     if init_source not in INIT_SOURCES:
         raise ValueError(f"init_source: expected one of {INIT_SOURCES}, got {init_source!r}")
     _check_base(model)
