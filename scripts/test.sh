@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command: set up .venv (scripts/setup.sh), lint and format-check with ruff
-# (configured in pyproject.toml), run the default suite, then the fast tests on the transformers
-# floor (scripts/floor_check.sh). Extra arguments go to pytest (and skip the floor check).
+# (configured in pyproject.toml), run the default suite, PEFT's own OLoRA tests as a client
+# (scripts/peft_client.sh), then the fast tests on the transformers floor (scripts/floor_check.sh).
+# Extra arguments go to pytest (and skip the client and the floor check).
 # pytest's exit code 5 (no tests collected) is a failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,7 @@ if [ "$rc" -eq 5 ]; then
   exit 1
 fi
 [ "$rc" -eq 0 ] || exit "$rc"
+[ $# -eq 0 ] || exit 0  # a run of chosen tests skips the client and the floor
+bash scripts/peft_client.sh || exit 1
 # the fast tests again on the lowest transformers pyproject.toml allows (scripts/floor_check.sh)
-[ $# -eq 0 ] || exit 0  # a run of chosen tests skips it
 bash scripts/floor_check.sh
