@@ -49,7 +49,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("Cohere", "CohereConfig", "CohereForCausalLM", {**SHAPE, **KV}),
     Family("Granite", "GraniteConfig", "GraniteForCausalLM", {**SHAPE, **KV, "logits_scaling": 8.0}),
     Family(
-        "GPT-2", "GPT2Config", "GPT2LMHeadModel", {"n_embd": 64, "n_layer": 2, "n_head": 4}, note="Conv1D (fan_in_fan_out)"
+        "GPT-2",
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        {"n_embd": 64, "n_layer": 2, "n_head": 4},
+        note="Conv1D (fan_in_fan_out)",
     ),
     Family("GPT-NeoX", "GPTNeoXConfig", "GPTNeoXForCausalLM", SHAPE | {"intermediate_size": 256}),
     Family(
