@@ -119,6 +119,38 @@ class DivergenceGuard:
             self.over = 0
             self.last_good_step = step
 
+    def judge_end(self, step: int, evals: list[float]) -> None:
+        """The run as a whole, at its end, before ``adapter/`` is written: a blow-up shorter than the
+        patience (a short run, or one in a run's last steps) is caught here.
+
+        - A run that ends suspect (its last step's loss, or the smoothed loss, above the bound; its
+          checkpoint was held back) has diverged.
+        - So has one whose last eval loss is above the bound the guard puts on the smoothed loss,
+          taken from its first eval: ``factor`` x that, or 90% of a uniform guess's loss for a run
+          that began below 75% of it.
+
+        Raises:
+            DivergedError: one line naming the step and the figures.
+        """
+        if self.suspect:
+            bound = self.bound()
+            raise DivergedError(
+                f"training diverged by its last step {step}: the loss (smoothed or not) was above "
+                f"{self._why(bound)} for its last {max(self.over, 1)} steps (loss {self.last_loss:.4g}, smoothed "
+                f"{self.ema:.4g}), fewer than the {self.patience} a longer run waits"
+            )
+        if len(evals) < 2:
+            return
+        first, last = evals[0], evals[-1]
+        limit, why = self.factor * first, f"{self.factor:g} x the first eval loss {first:.4g}"
+        if self.uniform_loss is not None and first < 0.75 * self.uniform_loss and 0.9 * self.uniform_loss < limit:
+            limit = 0.9 * self.uniform_loss
+            why = f"{limit:.4g}, 90% of a uniform guess's loss ln(vocab) = {self.uniform_loss:.4g}"
+        if last > limit:
+            raise DivergedError(
+                f"training diverged by its last step {step}: the last eval loss {last:.4g} is above {why}"
+            )
+
     def _why(self, bound: float) -> str:
         if bound == self.factor * self.lowest:
             return f"{self.factor:g} x its lowest level {self.lowest:.4g}"

@@ -230,6 +230,9 @@ def run_trainer(trainer: Any, ckpt: Path | None, out: Path, stop: SignalStop | N
         trainer.run_state.load(run_dir.saved_callback_state(ckpt, "RunState"))
     try:
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        if trainer.guard is not None and (stop is None or stop.report() is None):
+            evals = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
+            trainer.guard.judge_end(trainer.state.global_step, evals)  # a blow-up shorter than the patience
     except DivergedError as e:
         last = run_dir.latest_complete_checkpoint(out, set_aside=False)
         write_stop(trainer, {"reason": "diverged", "message": str(e), "last_checkpoint": last and last.name}, w)
