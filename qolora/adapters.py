@@ -152,7 +152,7 @@ def check_ranks(model: nn.Module, lora_config: LoraConfig) -> None:
     ``layers_to_transform`` and ``modules_to_save`` are honoured as ``get_peft_model`` honours them.
 
     Raises:
-        ValueError: naming the first targeted layer whose rank exceeds its min(out, in).
+        ValueError: naming, of the targeted layers whose rank exceeds their min(out, in), the smallest.
     """
     from peft.tuners.tuners_utils import check_target_module_exists
     from peft.utils.other import get_pattern_key
@@ -167,16 +167,19 @@ def check_ranks(model: nn.Module, lora_config: LoraConfig) -> None:
         raise ValueError(
             f"adapter.target_modules: {sorted(t) if isinstance(t, (set, list)) else t!r} matches no layer of the model"
         )
+    over = []  # (min(out, in), name, shape, rank, rank_pattern key or None) of each layer its rank exceeds
     for name, m in targeted:
         shape = _layer_shape(m)
         key = get_pattern_key(list(pattern), name)
         r = pattern.get(key, lora_config.r)
         if shape and r > min(shape):
-            which = f"rank_pattern[{key!r}]: rank {r}" if key in pattern else f"adapter.r: rank {r}"
-            raise ValueError(
-                f"{which} exceeds min(out, in) = {min(shape)} of {name} ({shape[0]}x{shape[1]}); "
-                f"choose r <= {min(shape)}"
-            )
+            over.append((min(shape), name, shape, r, key if key in pattern else None))
+    if over:
+        limit, name, shape, r, key = min(over)
+        which = f"rank_pattern[{key!r}]: rank {r}" if key else f"adapter.r: rank {r}"
+        raise ValueError(
+            f"{which} exceeds min(out, in) = {limit} of {name} ({shape[0]}x{shape[1]}); choose r <= {limit}"
+        )
 
 
 def _check_base(model: nn.Module) -> None:
