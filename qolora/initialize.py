@@ -177,6 +177,22 @@ class WeightSource:
             self._warned = True
 
 
+def _warn_full_precision_targets(targets: list[Target]) -> None:
+    """On a 4-bit base, one warning naming the targets that are not 4-bit: their residual stays in
+    full precision (no quantization error to win back; the report's ratio is nan for them)."""
+    four = [quant.is_4bit(t.base) for t in targets]
+    if any(four) and not all(four):
+        names = [t.name for t, q in zip(targets, four) if not q]
+        logger.warning(
+            "%d of %d targets are not 4-bit on this 4-bit base (%s%s): they are factored from their own "
+            "full-precision weight, and their residual stays in full precision",
+            len(names),
+            len(targets),
+            ", ".join(names[:4]),
+            ", ..." if len(names) > 4 else "",
+        )
+
+
 @dataclass
 class InitResult:
     """What ``init_factored_`` produced: the report, the initial factors, the base's factors where they
@@ -243,6 +259,7 @@ def init_factored_(
     targets = list(iter_targets(peft_model, adapter_name))
     if not targets:
         raise ValueError(f"adapter {adapter_name!r} has no LoRA layers; check target_modules")
+    _warn_full_precision_targets(targets)
     t_all = time.perf_counter()
     for t in tqdm(targets, desc=f"{spec.label} init", unit="layer", disable=not progress):
         t0 = time.perf_counter()

@@ -139,3 +139,21 @@ def test_rank_above_a_target_shape_is_refused_before_peft_allocates(llama_dir) -
         r"model.layers.0.self_attn.k_proj",
     ):
         qolora.get_qolora_model(base, _cfg(r=100000), progress=False)
+
+
+def test_held_bytes_count_what_the_model_holds(llama_dir) -> None:
+    """metrics.json's model_bytes: a 4-bit model's linears are about a quarter of their fp32 bytes plus
+    the statistics, and none is left in full precision; unquantized, every linear is."""
+    from transformers import AutoModelForCausalLM
+
+    fp32 = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    full = quant.held_bytes(fp32)
+    linears = sum(m.weight.numel() * 4 for n, m in fp32.named_modules() if n.endswith("_proj"))
+    assert full == {"4bit_layers": 0, "full_precision_linears": linears, "other": full["other"]}
+    assert full["other"] + linears == sum(p.numel() * 4 for p in fp32.parameters()) + sum(
+        b.numel() * b.element_size() for b in fp32.buffers()
+    )
+    q = quant.held_bytes(quant.load_quantized(llama_dir))
+    assert q["full_precision_linears"] == 0 and q["other"] == full["other"]
+    # 0.5 byte per weight, plus absmax and the two 256-entry codebooks of each of the 14 tiny layers
+    assert linears / 8 < q["4bit_layers"] < linears / 8 + 14 * 2 * 1024 + linears / 4 / 64

@@ -2,7 +2,7 @@
 
 from .check import KernelCheck, KernelCheckError, check_kernel, check_layer
 from .layout import check_supported, cpu_packing_available, keep_standard_layout_
-from .loading import bnb_config, load_base, load_quantized, meta_model
+from .loading import bnb_config, full_precision_linears, held_bytes, load_base, load_quantized, meta_model
 from .nf4 import (
     QuantSettings,
     dequantize,
@@ -39,6 +39,8 @@ __all__ = [
     "find_checkpoint",
     "fingerprint",
     "fingerprint_mismatch",
+    "full_precision_linears",
+    "held_bytes",
     "is_4bit",
     "linear4bit",
     "make_4bit_twin_",

@@ -70,6 +70,34 @@ def full_precision_linears(model: nn.Module, allowed: set[str]) -> list[tuple[st
     return found
 
 
+def held_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes the model actually holds, by kind: its 4-bit layers (packed data, quant_state statistics
+    and codebooks, bias), its linear layers in full precision (LoRA factors and lm_head not counted),
+    and every other parameter and buffer (embeddings, norms, lm_head, the adapters). Under FSDP each
+    rank counts its local shards (a sharded 4-bit weight's statistics are not counted)."""
+    from .nf4 import is_4bit, weight_parts
+
+    def nbytes(tensors: Any) -> int:  # an FSDP shard (DTensor) counts its local part
+        local = (t.to_local() if hasattr(t, "to_local") else t for t in tensors)
+        return sum(t.numel() * t.element_size() for t in local)
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    four = linear = as_params = 0
+    for name, m in model.named_modules():
+        if m is head or ".lora_" in name or name.rsplit(".", 1)[-1].startswith("lora_"):
+            continue
+        own = list(m.parameters(recurse=False))
+        if is_4bit(m):
+            parts = weight_parts(m)[1] if hasattr(m.weight, "quant_state") else [("data", m.weight)]  # FSDP: a shard
+            four += nbytes(t for _, t in parts) + nbytes(p for p in own if p is not m.weight)
+            as_params += nbytes(own)
+        elif isinstance(m, nn.Linear) or (type(m).__name__ == "Conv1D" and own):
+            linear += nbytes(own)
+            as_params += nbytes(own)
+    total = nbytes(model.parameters()) + nbytes(model.buffers())
+    return {"4bit_layers": int(four), "full_precision_linears": int(linear), "other": int(total - as_params)}
+
+
 def bnb_config(
     compute_dtype: torch.dtype,
     quant_type: str = "nf4",

@@ -318,6 +318,7 @@ def _train(cfg: Config, resume: bool, mode: str, out: Path, stop: SignalStop | N
         "global_batch": t.batch_size * t.grad_accum * w.size,
         "init_digests": digests,
         "init_s": round(init_s, 3),
+        "model_bytes": quant.held_bytes(model),  # what this rank holds (a shard under FSDP)
     }
     if mode == "fsdp":
         extra["fsdp_load"] = distributed.all_gather(sharded.memory, w)  # per rank: parameter bytes held
