@@ -353,6 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # On AVX512-BF16 CPUs bitsandbytes warns at import that the kernel of its packed CPU eval
     # path is missing; QOLoRA switches that path off (qolora/quant/layout.py), so it is noise.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # transformers >= 5.25 asks the hub-kernel package about bitsandbytes' kernels and, offline, warns
+    # that it skipped a trust check of a download it never makes: noise on a failed command's stderr
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     try:
         return int(args.func(args))
     except RunStopped as e:  # SIGTERM / SIGINT: 128 + the signal, as a shell reports a killed command
