@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The README's test command: set up .venv (scripts/setup.sh), lint and format-check with ruff
 # (configured in pyproject.toml), run the default suite, PEFT's own OLoRA tests as a client
-# (scripts/peft_client.sh), then the fast tests on the transformers floor (scripts/floor_check.sh).
-# Extra arguments go to pytest (and skip the client and the floor check).
+# (scripts/peft_client.sh), the fast tests on the transformers floor (scripts/floor_check.sh), and
+# a fast subset on the newest releases, reported without blocking (scripts/latest_check.sh).
+# Extra arguments go to pytest (and skip the rest after it).
 # pytest's exit code 5 (no tests collected) is a failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,4 +20,6 @@ fi
 [ $# -eq 0 ] || exit 0  # a run of chosen tests skips the client and the floor
 bash scripts/peft_client.sh || exit 1
 # the fast tests again on the lowest transformers pyproject.toml allows (scripts/floor_check.sh)
-bash scripts/floor_check.sh
+bash scripts/floor_check.sh || exit 1
+# a fast subset on the newest releases: reported, never failing the run (QOLORA_LATEST_CHECK=0 skips it)
+[ "${QOLORA_LATEST_CHECK:-1}" = 0 ] || bash scripts/latest_check.sh
