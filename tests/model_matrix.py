@@ -66,17 +66,20 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
+def config(family: Family, vocab_size: int = 384, bos: int = 1, eos: int = 2, pad: int = 0) -> Any:
+    """The family's tiny config (``transformers.<family.config>``)."""
+    import transformers
+
+    cls = getattr(transformers, family.config)
+    return cls(vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, **family.kwargs)
+
+
 def build(family: Family, tokenizer: Any, seed: int = 0) -> torch.nn.Module:
     """The family's tiny random model, sized to ``tokenizer``, in fp32."""
     import transformers
 
-    cfg = getattr(transformers, family.config)(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **family.kwargs,
-    )
+    t = tokenizer
+    cfg = config(family, len(t), t.bos_token_id, t.eos_token_id, t.pad_token_id)
     torch.manual_seed(seed)
     return getattr(transformers, family.model)(cfg).float()
 
@@ -89,9 +92,8 @@ def loss_path(family: Family) -> str:
 
     from qolora.training.losses import logit_transform, supports_chunked_ce
 
-    cfg = getattr(transformers, family.config)(vocab_size=384, **family.kwargs)
     with init_empty_weights():
-        lm = getattr(transformers, family.model)(cfg)
+        lm = getattr(transformers, family.model)(config(family))
     if not supports_chunked_ce(lm):
         return "full logits"
     tf = logit_transform(lm)

@@ -38,6 +38,16 @@ def test_every_config_field_has_help_and_the_readme_table_is_generated() -> None
     assert m.group(1) == key_table(), "README's key table is stale: paste qolora.config.key_table() into it"
 
 
+def test_the_readme_supported_models_table_is_the_matrix() -> None:
+    from .model_matrix import FAMILIES, supported_table
+
+    readme = (ROOT / "README.md").read_text()
+    m = re.search(r"<!-- supported-models:start -->\n(.*?)\n<!-- supported-models:end -->", readme, flags=re.S)
+    assert m, "README.md has no supported-models table"
+    assert m.group(1) == supported_table(), "README's table is stale: paste tests.model_matrix.supported_table()"
+    assert len(m.group(1).splitlines()) == len(FAMILIES) + 2
+
+
 def test_print_config_shows_help_and_round_trips(tmp_path, capsys) -> None:
     import yaml
 
