@@ -61,7 +61,10 @@ def test_cpu_unsupported_layers_stay_unquantized_and_reload_exactly(odd_llama_di
     assert kept == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "lm_head"]
     assert sum(quant.is_4bit(m) for m in base.modules()) == 12  # q k v o gate up, 2 layers
     assert "keeping 2 linear layers unquantized" in caplog.text and "layers.0.mlp.down_proj" in caplog.text
-    model = perturb_lora_(qolora.get_qolora_model(base, _cfg(), progress=False))
+    assert "stayed in full precision" not in caplog.text  # kept by choice, and named: not silent
+    with caplog.at_level(logging.WARNING, logger="qolora"):
+        model = perturb_lora_(qolora.get_qolora_model(base, _cfg(), progress=False))
+    assert "2 of 14 targets are not 4-bit on this 4-bit base (model.layers.0.mlp.down_proj" in caplog.text
     model.train()
     model(input_ids=tokens, labels=tokens).loss.backward()  # bitsandbytes' CPU kernels crash on such layers
     want = logits(model, tokens)
@@ -157,3 +160,21 @@ def test_held_bytes_count_what_the_model_holds(llama_dir) -> None:
     assert q["full_precision_linears"] == 0 and q["other"] == full["other"]
     # 0.5 byte per weight, plus absmax and the two 256-entry codebooks of each of the 14 tiny layers
     assert linears / 8 < q["4bit_layers"] < linears / 8 + 14 * 2 * 1024 + linears / 4 / 64
+
+
+def test_a_linear_subclass_left_in_full_precision_is_named_in_one_warning(tmp_path, monkeypatch, caplog) -> None:
+    """Falcon's layers are an nn.Linear subclass, which transformers 5 does not convert: QOLoRA has
+    them converted (LINEAR_EQUIVALENT). Without that, the load names them in one warning."""
+    from .conftest import make_bpe_tokenizer
+    from .model_matrix import FAMILIES, build
+
+    build(next(f for f in FAMILIES if f.name == "Falcon"), make_bpe_tokenizer()).save_pretrained(tmp_path)
+    base = quant.load_quantized(tmp_path)
+    assert sum(quant.is_4bit(m) for m in base.modules()) == 8 and quant.full_precision_linears(base, set()) == []
+    monkeypatch.setattr("qolora.quant.loading.LINEAR_EQUIVALENT", ())
+    with caplog.at_level(logging.WARNING, logger="qolora"):
+        base = quant.load_quantized(tmp_path)
+    lines = [r.getMessage() for r in caplog.records if "stayed in full precision" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("8 linear layers stayed in full precision (FalconLinear: ")
+    assert "transformer.h.0.self_attention.query_key_value" in lines[0]
+    assert quant.held_bytes(base)["full_precision_linears"] > 0
