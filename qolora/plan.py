@@ -68,6 +68,61 @@ class Shape:
         return [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
 
 
+@dataclass
+class Held:
+    """What a model of this config holds once QOLoRA has loaded it in 4-bit, from its meta-device twin
+    (``held_from_config``): the element count of each layer that loads as 4-bit, of the linear layers
+    that stay in full precision (and their types), and of every other parameter (embeddings, norms,
+    lm_head, biases, fused MoE experts: parameters, not linear layers, so not 4-bit)."""
+
+    four_bit: list[int]
+    full_linear: int
+    full_linear_types: list[str]
+    other: int
+    experts: int = 0  # of ``other``: 3-D parameters (fused MoE experts)
+
+
+def held_from_config(c: dict[str, Any]) -> Held | None:
+    """``Held`` for the config dict ``c``, or None when transformers cannot build it (no ``model_type``,
+    or one it does not know): the plan then counts the Llama-style shape alone."""
+    from torch import nn
+
+    from .quant.loading import LINEAR_EQUIVALENT
+
+    try:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        rest = {k: v for k, v in c.items() if k != "model_type"}
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(c["model_type"], **rest))
+        model.tie_weights()  # tied embeddings are one tensor, as from_pretrained makes them
+    except Exception:  # noqa: BLE001 - an unknown or remote-code config: the shape formula stands
+        return None
+    head = model.get_output_embeddings()
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    four, full, types, counted = [], 0, set(), set()
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if m is head or w is None or not (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"):
+            continue
+        counted.add(id(w))
+        converted = type(m) is nn.Linear or type(m).__name__ in (*LINEAR_EQUIVALENT, "Conv1D")
+        if converted and not any(name == k or name.endswith("." + k) for k in keep):
+            four.append(w.numel())
+        else:
+            full += w.numel()
+            types.add(type(m).__name__)
+    seen: set[int] = set()
+    other = experts = 0
+    for p in model.parameters():
+        if id(p) not in counted and id(p) not in seen:
+            seen.add(id(p))
+            other += p.numel()
+            experts += p.numel() if p.ndim >= 3 else 0
+    return Held(four, full, sorted(types), other, experts)
+
+
 def nf4_stats_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
     """Bytes of one NF4 weight's quant_state statistics: fp32 absmax per block, or with double
     quant uint8 absmax plus fp32 absmax² per 256 blocks and one fp32 offset."""
@@ -148,9 +203,13 @@ def components(
     gpus: int = 1,
     fsdp: bool = False,
     fsdp_offload: bool = False,
+    held: Held | None = None,
 ) -> dict[str, int]:
     """Bytes per component on one GPU for one training step (all linear layers of every decoder
-    layer targeted; ``batch`` is per GPU).
+    layer targeted; ``batch`` is per GPU). With ``held`` (``held_from_config``) the weights are
+    counted as the model's own modules load, not from the Llama-style shape: linear layers that
+    stay in full precision get a line of their own, and parameters that are no linear layers
+    (fused MoE experts) count as unquantized.
 
     With ``gpus`` > 1 and no ``fsdp`` (DDP) every GPU holds the whole model plus DDP's gradient
     buckets. With ``fsdp`` (FSDP2 ``fully_shard`` per decoder layer and at the root, as
@@ -174,6 +233,14 @@ def components(
     w4_stats = s.layers * sum(nf4_stats_bytes(o * i, double_quant=double_quant) for o, i in lin)
     embed = s.vocab * s.hidden * (1 if s.tied else 2)
     norms = (2 * s.layers + 1) * s.hidden
+    unquantized_numel, full_linear, full_label, experts = embed + norms, 0, "", 0
+    if held is not None:
+        w4 = sum(nf4_bytes(n, double_quant=double_quant) for n in held.four_bit)
+        w4_stats = sum(nf4_stats_bytes(n, double_quant=double_quant) for n in held.four_bit)
+        unquantized_numel = held.other - held.experts  # every parameter that is no linear layer, as the model has it
+        experts = held.experts * dtype_bytes
+        full_linear = held.full_linear * dtype_bytes
+        full_label = f"linear layers kept in full precision ({', '.join(held.full_linear_types)})"
     adapter_params = s.layers * sum(rank * (o + i) for o, i in lin)
     tokens = batch * seq_len
     h, i, kv, q = s.hidden, s.intermediate, s.kv_heads * s.head_dim, s.heads * s.head_dim
@@ -194,11 +261,13 @@ def components(
     opt_bytes = s.layers * sum(
         optimizer_state_bytes(rank * i, optimizer) + optimizer_state_bytes(o * rank, optimizer) for o, i in lin
     )
-    unquantized = (embed + norms) * dtype_bytes
+    unquantized = unquantized_numel * dtype_bytes
     if not fsdp:
         model = {
             "4-bit weights (incl. double-quant stats)": w4,
             "unquantized params (embeddings, norms, lm_head)": unquantized,
+            **({full_label: full_linear} if full_linear else {}),
+            **({"fused MoE experts (unquantized: not 4-bit yet)": experts} if experts else {}),
             "adapters (fp32)": adapter_params * 4,
             "adapter gradients (fp32)": adapter_params * 4,
             f"optimizer states ({optimizer})": opt_bytes,
@@ -212,7 +281,7 @@ def components(
         layer_adapters = sum(rank * (o + i) for o, i in lin) * 4
         model = {
             f"{where}4-bit packed weights (1/{n} shard)": math.ceil((w4 - w4_stats) / n),
-            f"{where}unquantized params (1/{n} shard)": math.ceil(unquantized / n),
+            f"{where}unquantized params (1/{n} shard)": math.ceil((unquantized + full_linear + experts) / n),
             f"{where}adapters (fp32, 1/{n} shard)": math.ceil(adapter_params * 4 / n),
             f"{where}adapter gradients (fp32, 1/{n} shard)": math.ceil(adapter_params * 4 / n),
             f"{where}optimizer states ({optimizer}, 1/{n} shard)": math.ceil(opt_bytes / n),
@@ -263,7 +332,9 @@ def plan(
     for name, v in (("seq-len", seq_len), ("batch-size", batch), ("rank", rank)):
         if v < 1:
             raise ValueError(f"{name}: must be >= 1, got {v}")
-    s = Shape.from_config(model if isinstance(model, dict) else read_config(model))
+    cfg = model if isinstance(model, dict) else read_config(model)
+    s = Shape.from_config(cfg)
+    kw = {"held": held_from_config(cfg), **kw}
     gpu = parse_bytes(gpu_memory)
     comp = components(s, seq_len, batch, rank, **kw)
     total = gpu_total(comp)

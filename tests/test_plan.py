@@ -8,7 +8,23 @@ import pytest
 import torch
 
 from qolora import quant
-from qolora.plan import Shape, components, nf4_bytes, optimizer_state_bytes, parse_bytes, plan, read_config
+from qolora.plan import (
+    Shape,
+    components,
+    held_from_config,
+    nf4_bytes,
+    optimizer_state_bytes,
+    parse_bytes,
+    plan,
+    read_config,
+)
+
+
+class _Vocab:  # what model_matrix.build reads of a tokenizer
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __len__(self) -> int:
+        return 384
 
 
 def _unique_bytes(tensors) -> int:
@@ -231,3 +247,41 @@ def test_several_gpus_bad_flags_are_one_line(llama_dir, capsys) -> None:
     assert main([*base, "--gpus", "2", "--fsdp", "--offload", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["mode"] == "fsdp+offload" and out["gpus"] == 2 and out["cpu_bytes"] > 0
+
+
+@pytest.mark.parametrize("family", ["Qwen2", "Gemma2", "Phi3"])
+def test_weight_lines_are_what_a_real_4bit_model_of_the_family_holds(family, tmp_path) -> None:
+    """Counted from the model's own modules (biases, tied embeddings, fused layers), not a Llama shape."""
+    from .model_matrix import FAMILIES, build, config
+
+    fam = next(f for f in FAMILIES if f.name == family)
+    build(fam, _Vocab()).save_pretrained(tmp_path)
+    model = quant.load_quantized(tmp_path)
+    layers = [m for m in model.modules() if quant.is_4bit(m)]
+    comp = components(Shape.from_config(read_config(tmp_path)), 16, 1, 4, held=held_from_config(read_config(tmp_path)))
+    assert comp["4-bit weights (incl. double-quant stats)"] == _unique_bytes(
+        t for m in layers for t in _quant_tensors(m)
+    )
+    params = {id(p): p for p in model.parameters()}.values()
+    unq = sum(p.numel() * 2 for p in params if not hasattr(p, "quant_state"))
+    assert comp["unquantized params (embeddings, norms, lm_head)"] == unq  # counted at 2 bytes (bf16)
+    assert held_from_config(config(fam).to_dict()) is not None
+
+
+def test_moe_experts_and_routers_count_in_full_precision() -> None:
+    """A Mixtral's fused experts are parameters, not linear layers: they load unquantized today, and
+    the plan says so (a dense-MLP count would call Mixtral-8x7B 6 GiB)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, num_local_experts=8, vocab_size=32000,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = MixtralForCausalLM(cfg)
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    held = held_from_config(cfg.to_dict())
+    assert held is not None and held.experts == experts > 40e9 and held.other > experts
+    p = plan(cfg.to_dict(), 2048, 1, 16, "24GiB")
+    assert p.components["fused MoE experts (unquantized: not 4-bit yet)"] == 2 * experts and not p.fits
+    assert held_from_config({"hidden_size": 64}) is None  # no model_type: the shape formula stands
