@@ -99,7 +99,8 @@ def make_adapter(adapter: Path, ckpt: Path, h: int, inter: int, layers: int) -> 
     from peft import LoraConfig
 
     from qolora import quant
-    from qolora.adapter_dir import FACTORS_FILE, AdapterMeta
+    from qolora.adapter_dir import AdapterMeta
+    from qolora.files import FACTORS_FILE
     from qolora.olora import olora_factors
 
     src = quant.CheckpointWeights(ckpt)

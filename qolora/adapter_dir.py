@@ -23,14 +23,11 @@ from safetensors.torch import save_file
 
 from ._io import atomic_dir, read_safetensors
 from .choices import FACTORED_INITS, INITS
+from .files import ADAPTER_CONFIG_FILE, FACTORS_FILE, META_FILE, RUN_CONFIG_FILE, WEIGHTS_FILE
 
 FORMAT = "qolora-adapter"
 FORMAT_VERSION = 3  # 2: records the data settings; 3: pissa, loftq and iterated inits (a v2 reader would misread them)
 READABLE_VERSIONS = (1, 2, 3)
-META_FILE = "qolora.json"
-FACTORS_FILE = "initial_factors.safetensors"
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 DATA_KEYS = ("train", "template", "max_length", "completion_only")
 BASE_KEYS = ("Bbase", "Abase")  # in FACTORS_FILE: loftq's base factors, beside each layer's B0 and A0
@@ -161,9 +158,7 @@ class AdapterMeta:
 
 def _v1_data(adapter_dir: Path) -> dict[str, Any] | None:
     """Format 1 did not record the data settings: take them from the run's config.yaml beside it."""
-    from .training.run_dir import CONFIG_FILE
-
-    cfg = adapter_dir.parent / CONFIG_FILE
+    cfg = adapter_dir.parent / RUN_CONFIG_FILE
     if not cfg.is_file():
         return None
     import yaml
@@ -235,7 +230,7 @@ class AdapterDir:
 
     def check_exportable(self) -> None:
         if self.config.get("modules_to_save"):
-            raise ValueError(f"{self.dir / CONFIG_FILE}: modules_to_save cannot be exported")
+            raise ValueError(f"{self.dir / ADAPTER_CONFIG_FILE}: modules_to_save cannot be exported")
 
 
 def read_adapter_dir(adapter_dir: str | os.PathLike[str]) -> AdapterDir:
@@ -248,16 +243,16 @@ def read_adapter_dir(adapter_dir: str | os.PathLike[str]) -> AdapterDir:
     adir = Path(adapter_dir)
     if not adir.is_dir():
         raise FileNotFoundError(f"adapter dir {adir} does not exist")
-    for name in (CONFIG_FILE, WEIGHTS_FILE, META_FILE):
+    for name in (ADAPTER_CONFIG_FILE, WEIGHTS_FILE, META_FILE):
         if not (adir / name).is_file():
             raise FileNotFoundError(f"{adir / name} not found: {adir} is not a complete QOLoRA adapter dir")
     meta = AdapterMeta.read(adir)
     try:
-        config = json.loads((adir / CONFIG_FILE).read_text())
+        config = json.loads((adir / ADAPTER_CONFIG_FILE).read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{adir / CONFIG_FILE}: not valid JSON ({e})") from e
+        raise ValueError(f"{adir / ADAPTER_CONFIG_FILE}: not valid JSON ({e})") from e
     if config.get("use_dora") or config.get("lora_bias"):
-        raise ValueError(f"{adir / CONFIG_FILE}: DoRA and lora_bias adapters are not QOLoRA adapters")
+        raise ValueError(f"{adir / ADAPTER_CONFIG_FILE}: DoRA and lora_bias adapters are not QOLoRA adapters")
     tensors = read_safetensors(adir / WEIGHTS_FILE)
     ad = AdapterDir(adir, meta, config, tensors)
     for key in tensors:

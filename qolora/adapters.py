@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from . import quant
-from .adapter_dir import FACTORS_FILE, WEIGHTS_FILE, AdapterDir, AdapterMeta, read_adapter_dir, write_adapter_dir
+from .adapter_dir import AdapterDir, AdapterMeta, read_adapter_dir, write_adapter_dir
 from .choices import FACTORED_INITS, INIT_SOURCES
+from .files import FACTORS_FILE, WEIGHTS_FILE
 from .initialize import init_factored_, iter_targets, restore_olora_
 from .inits import InitSpec
 from .precision import dtype_name

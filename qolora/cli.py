@@ -54,7 +54,7 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     out = train(cfg, resume=args.resume)
     from .distributed import world
-    from .training.run_dir import METRICS_FILE, PLOT_FILE
+    from .files import METRICS_FILE, PLOT_FILE
 
     if world().is_main:
         print(f"adapter written to {out}; metrics in {out.parent / METRICS_FILE}, plot in {out.parent / PLOT_FILE}")

@@ -15,9 +15,17 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .choices import DISTRIBUTED_MODES, DTYPE_NAMES, INIT_SOURCES, INITS, QUANT_TYPES, REPORT_TO, TRAIN_OPTIMIZERS
+from .choices import (
+    DATA_FORMATS,
+    DISTRIBUTED_MODES,
+    DTYPE_NAMES,
+    INIT_SOURCES,
+    INITS,
+    QUANT_TYPES,
+    REPORT_TO,
+    TRAIN_OPTIMIZERS,
+)
 from .inits import InitSpec
-from .training.formats import FORMAT_NAMES
 
 CONFIG_VERSION = 1
 
@@ -97,8 +105,8 @@ class DataConfig:
         "or a list of them, each optionally {path, max_rows, fraction}",
     )
     eval: str | None = _f(None, "held-out data in the same formats; default: data.eval_fraction of the training rows")
-    format: Literal[("auto", *FORMAT_NAMES)] = _f(
-        "auto", f"row format: auto (detected), {', '.join(FORMAT_NAMES)} (training/formats.py)"
+    format: Literal[("auto", *DATA_FORMATS)] = _f(
+        "auto", f"row format: auto (detected), {', '.join(DATA_FORMATS)} (training/formats.py)"
     )
     template: Literal["auto", "chat", "plain"] = _f(
         "auto", "prompt rendering: auto (the tokenizer's chat template if it has one), chat, plain"

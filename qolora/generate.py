@@ -18,7 +18,7 @@ from typing import IO, Any
 
 import torch
 
-from .adapter_dir import META_FILE
+from .files import META_FILE
 
 logger = logging.getLogger(__name__)
 

@@ -60,3 +60,21 @@ def test_print_config_shows_help_and_round_trips(tmp_path, capsys) -> None:
         yaml.safe_load(cfg.read_text()), ["train.lr=3e-4"]
     )
     assert text == commented_yaml(config_from_dict(yaml.safe_load(text)))
+
+
+def test_no_import_circle_and_nothing_below_training_reaches_into_it() -> None:
+    """File names live in qolora/files.py, format names in qolora/choices.py: adapter_dir and
+    training/run_dir no longer import each other, and config reads no training module. (generate.py
+    renders prompts through training's own renderer, by design: train and serve render alike.)"""
+    from qolora.choices import DATA_FORMATS
+    from qolora.training.formats import FORMAT_NAMES
+
+    assert FORMAT_NAMES == DATA_FORMATS
+    pkg = ROOT / "qolora"
+    for path in [*pkg.glob("*.py"), *pkg.glob("quant/*.py"), *pkg.glob("export/*.py")]:
+        if path.name in ("cli.py", "generate.py", "__init__.py"):
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and "training" in node.module.split("."):
+                raise AssertionError(f"{path.relative_to(ROOT)} imports {node.module}")

@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 
 from qolora.cli import main
 from qolora.config import dump_config
+from qolora.files import LOCK_FILE
 from qolora.training import run_dir as rd
 from qolora.training import train
 from qolora.training.guard import DivergedError, DivergenceGuard, SignalStop
@@ -318,7 +319,7 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_runs_lock_is_ta
     killed = _start_holder(tmp_path, tmp_path / "cfg.yaml")
     killed.kill()  # SIGKILL: no cleanup ran; the kernel released its flock
     killed.wait()
-    assert json.loads((tmp_path / "run" / rd.LOCK_FILE).read_text())["pid"] == killed.pid
+    assert json.loads((tmp_path / "run" / LOCK_FILE).read_text())["pid"] == killed.pid
     with caplog.at_level("WARNING"):
         train(cfg)
     assert f"taking over the lock of a run that was killed (pid {killed.pid} on " in caplog.text

@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 
 from .. import quant
 from .._io import atomic_dir, peak_rss_bytes
-from ..adapter_dir import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, AdapterDir
+from ..adapter_dir import PEFT_PREFIX, AdapterDir
+from ..files import ADAPTER_CONFIG_FILE, WEIGHTS_FILE
 from .common import read_adapter
 from .merged import _PREFIXES, ExportResult, merged_weight
 
@@ -71,7 +72,7 @@ def export_lora(
     c["inference_mode"] = True
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(c, indent=2) + "\n")
+        (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(c, indent=2) + "\n")
     gap = _gap(parts) if measure_gap else None
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     result = ExportResult(

@@ -12,7 +12,7 @@ import torch
 from transformers import TrainerCallback
 
 from .._io import peak_rss_bytes, save_figure_atomic, write_json_atomic
-from .run_dir import METRICS_FILE, PLOT_FILE
+from ..files import METRICS_FILE, PLOT_FILE
 
 logger = logging.getLogger(__name__)
 

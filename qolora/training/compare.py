@@ -14,8 +14,8 @@ from typing import Any
 
 from .._io import write_json_atomic
 from ..config import Config, dump_config
+from ..files import RUN_CONFIG_FILE
 from .grid import check_inits, run_grid, save_panels, two_panels, variant
-from .run_dir import CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ def compare(
     cells = [(f"{i}-r{r}", variant(cfg, i, r, out / f"{i}-r{r}")) for r in ranks or [cfg.adapter.r] for i in inits]
     runs = run_grid(cells, "compare")
     summary = summarize(runs, target_loss)
-    summary["config"] = str(out / CONFIG_FILE)
-    dump_config(cfg, out / CONFIG_FILE)
+    summary["config"] = str(out / RUN_CONFIG_FILE)
+    dump_config(cfg, out / RUN_CONFIG_FILE)
     write_json_atomic(out / "compare.json", summary)
     plot(runs, out / "compare.png")
     return summary

@@ -187,7 +187,7 @@ def _last_user(messages: Messages) -> str:
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in (Chat(), ShareGPT(), Alpaca(), PromptCompletion(), Text())}
-FORMAT_NAMES = tuple(FORMATS)  # detection order: the first whose fields are all present
+FORMAT_NAMES = tuple(FORMATS)  # detection order: the first whose fields are all present; = choices.DATA_FORMATS
 
 
 def get_format(name: str) -> Format:

@@ -19,6 +19,7 @@ from typing import Any
 from .._io import save_figure_atomic, write_json_atomic
 from ..choices import INITS
 from ..config import Config, ConfigError
+from ..files import METRICS_FILE
 from ..inits import InitSpec
 from . import run_dir
 from .guard import DivergedError
@@ -77,7 +78,7 @@ def train_once(cfg: Config, name: str) -> dict[str, Any]:
         logger.warning("%s: %s", name, str(e).split(";")[0])
     m = run_dir.read_metrics(out)
     m["compare_wall_time_s"] = round(time.perf_counter() - t0, 1)
-    write_json_atomic(out / run_dir.METRICS_FILE, m)
+    write_json_atomic(out / METRICS_FILE, m)
     return m
 
 

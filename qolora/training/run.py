@@ -22,16 +22,16 @@ from torch import nn
 
 from .. import distributed, fsdp, quant
 from .._io import RunStopped
-from ..adapter_dir import DATA_KEYS, META_FILE
+from ..adapter_dir import DATA_KEYS
 from ..adapters import QoloraState, check_ranks, get_qolora_model, load_adapter, meta_peft_model, save_adapter
 from ..config import Config, ConfigError, dump_config, flat_dict
+from ..files import FINAL_ADAPTER, INITIAL_ADAPTER, META_FILE, RUN_CONFIG_FILE
 from ..inits import InitSpec
 from ..quant import check_kernel, meta_model, resolve_model
 from . import run_dir
 from .callbacks import MetricsCallback
 from .data import load_rows, load_sources
 from .guard import DivergedError, SignalStop
-from .run_dir import CONFIG_FILE, FINAL_ADAPTER, INITIAL_ADAPTER
 from .tokenize import Encoder, head, pack_examples, split_rows
 from .trainer import build_trainer, check_report_to, prepare_for_training_
 
@@ -291,7 +291,7 @@ def _train(cfg: Config, resume: bool, mode: str, out: Path, stop: SignalStop | N
         train_ex, eval_ex, data_stats = prepare_data(cfg, tokenizer)
     distributed.barrier(w)  # every rank has checked the run dir before rank 0 writes into it
     if w.is_main:
-        dump_config(cfg, out / CONFIG_FILE)
+        dump_config(cfg, out / RUN_CONFIG_FILE)
     fresh = not (resume and (out / INITIAL_ADAPTER / META_FILE).is_file())
     if mode == "fsdp":
         t0 = time.perf_counter()

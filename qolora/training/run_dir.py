@@ -24,15 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from .._io import sha256_file, write_json_atomic
+from ..files import FINAL_ADAPTER, LOCK_FILE, META_FILE, METRICS_FILE, RUN_CONFIG_FILE
 
 logger = logging.getLogger(__name__)
-
-CONFIG_FILE = "config.yaml"  # the resolved config
-METRICS_FILE = "metrics.json"
-PLOT_FILE = "loss.png"
-INITIAL_ADAPTER = "initial_adapter"  # the OLoRA init, written once (rank 0), rebuilt by the others and a resume
-FINAL_ADAPTER = "adapter"  # only a finished run writes it
-LOCK_FILE = ".qolora-run.lock"
 SEAL_FILE = "qolora-seal.json"
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 TRAINER_STATE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME, in every checkpoint
@@ -53,8 +47,6 @@ def checkpoint_dir(out: Path, step: int) -> Path:
 
 def is_finished(out: Path) -> bool:
     """The run wrote its final adapter (its qolora.json is written last, atomically)."""
-    from ..adapter_dir import META_FILE
-
     return (out / FINAL_ADAPTER / META_FILE).is_file()
 
 
@@ -72,7 +64,7 @@ def check_resume(cfg: Any, out: Path) -> None:
 
     from ..config import ConfigError, changed_on_resume
 
-    saved_path = out / CONFIG_FILE
+    saved_path = out / RUN_CONFIG_FILE
     if not saved_path.is_file():
         return
     try:

@@ -17,8 +17,8 @@ from typing import Any
 
 from .._io import write_json_atomic
 from ..config import Config, ConfigError, dump_config
+from ..files import RUN_CONFIG_FILE
 from .grid import check_inits, diverged, run_grid, save_panels, two_panels, variant
-from .run_dir import CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def sweep(
             )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / CONFIG_FILE)
+    dump_config(cfg, out / RUN_CONFIG_FILE)
     grid = [(init, r, lr, s) for r in ranks for init in inits for lr in per.get(f"{init}-r{r}", []) for s in seeds]
     every = eval_every(steps, cfg.train.eval_steps)
     cells = [
@@ -191,7 +191,7 @@ def sweep(
         }
     summary = summarize(runs)
     summary["runs"] = runs
-    summary["config"] = str(out / CONFIG_FILE)
+    summary["config"] = str(out / RUN_CONFIG_FILE)
     summary["grid"] = {"lrs": per, "inits": inits, "ranks": ranks, "seeds": seeds, "steps": steps}
     write_json_atomic(out / "sweep.json", summary)
     plot(summary, out / "sweep.png")
