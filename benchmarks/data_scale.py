@@ -3,7 +3,7 @@
     python benchmarks/data_scale.py --rows 1000000 [--ref 0070c84] [--impls new,old]
 
 Generates N synthetic alpaca rows (about 150 tokens each with the demo tokenizer; deterministic)
-and, per implementation, runs `qolora train` on the demo model (examples/demo.yaml, 1 step) in a
+and, per implementation, runs `qolora train` on the demo model (examples/sft/demo.yaml, 1 step) in a
 fresh process twice: cold (empty HF datasets cache) and warm (the same cache again). Each child
 reports when the data was ready (validated and tokenized), when the first optimizer step ended,
 and its peak RSS (and its worker processes'). "old" is the code at --ref, checked out in a
@@ -66,7 +66,7 @@ def build_with_callback(*a, **k):
     trainer.add_callback(FirstStep())
     return trainer
 run.build_trainer = build_with_callback
-cfg = load_config("examples/demo.yaml", [f"data.train={sys.argv[1]}", "data.eval=demo/data/eval.jsonl",
+cfg = load_config("examples/sft/demo.yaml", [f"data.train={sys.argv[1]}", "data.eval=demo/data/eval.jsonl",
     "data.max_eval_rows=8", "train.max_steps=1", "train.eval_steps=1000", f"train.output_dir={sys.argv[2]}"])
 run.train(cfg)
 """

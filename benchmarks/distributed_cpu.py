@@ -24,7 +24,7 @@ import _common  # noqa: E402
 
 
 def run(n: int, out: Path, a: argparse.Namespace) -> dict:
-    cfg = Path("examples/demo.yaml").resolve()
+    cfg = Path("examples/sft/demo.yaml").resolve()
     over = [
         f"train.output_dir={out}",
         f"train.max_steps={a.steps}",

@@ -1,6 +1,6 @@
 """Fine-tune quality per init at its own best lr: pissa, loftq and iterated olora beside olora and lora.
 
-The same settings as benchmarks/lr_sweep.py (the demo model in 4-bit, examples/demo.yaml, 40 steps x 8,
+The same settings as benchmarks/lr_sweep.py (the demo model in 4-bit, examples/sft/demo.yaml, 40 steps x 8,
 alpha = r, token-weighted held-out loss on 64 rows), so its olora and lora runs
 (benchmarks/results/lr/seeds.json) are the other two columns. Phases, each resumable:
 

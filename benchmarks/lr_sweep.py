@@ -42,7 +42,7 @@ INITS = ["olora", "lora"]
 def config(ds: str, steps: int, eval_rows: int, *extra: str) -> Any:
     train, ev = DATASETS[ds]
     return load_config(
-        "examples/demo.yaml",
+        "examples/sft/demo.yaml",
         [
             *extra,
             f"data.train={train}",

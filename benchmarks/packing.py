@@ -2,7 +2,7 @@
 
     python benchmarks/packing.py [--steps 10] [--modes padded,grouped,packed]
 
-Trains examples/demo.yaml (OLoRA r16, 4-bit, chatterbot) for --steps steps three ways: padded batches
+Trains examples/sft/demo.yaml (OLoRA r16, 4-bit, chatterbot) for --steps steps three ways: padded batches
 of 8 (today's default), batches of 8 grouped by length (data.group_by_length), and padding-free packs
 (data.packing: 8 packs of up to max_length = 128 tokens per step, laid out as one row). It counts,
 in every batch a training step uses, the positions that are padding, and times the steps (first step
@@ -65,7 +65,7 @@ def measure(mode: str, steps: int) -> dict:
     try:
         out = Path("runs/packing") / mode
         cfg = load_config(
-            "examples/demo.yaml",
+            "examples/sft/demo.yaml",
             [
                 *MODES[mode],
                 f"train.max_steps={steps}",

@@ -49,7 +49,7 @@ def main() -> None:
         train, ev = DATASETS[ds]
         other = DATASETS[next(n for n in DATASETS if n != ds)][1]
         cfg = load_config(
-            "examples/demo.yaml",
+            "examples/sft/demo.yaml",
             [
                 f"data.train={train}",
                 f"data.eval={ev}",

@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-quant", action="store_true", help="keep the base unquantized")
     q.set_defaults(func=_init)
     t = sub.add_parser("train", help="fine-tune from a YAML config")
-    t.add_argument("config", help="YAML config (see examples/demo.yaml)")
+    t.add_argument("config", help="YAML config (see examples/sft/demo.yaml)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     t.add_argument(

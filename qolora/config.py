@@ -62,7 +62,7 @@ class AdapterConfig:
     init: Literal[INITS] = _f(
         "olora",
         "adapter init: olora (QR of the original weight), pissa (its top-r SVD: QPiSSA), loftq (quantize, then "
-        "refit B·A to what quantization lost) or lora (PEFT's default: B = 0); README, 'Which init?'",
+        "refit B·A to what quantization lost) or lora (PEFT's default: B = 0); docs/inits.md",
     )
     init_iters: int = _f(
         1,
@@ -416,7 +416,7 @@ def field_help(cls: type | None = None, prefix: str = "") -> list[tuple[str, Any
 
 
 def key_table() -> str:
-    """The README's config-key table, generated from the fields' help."""
+    """The config-key table of docs/configuration.md, generated from the fields' help."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for key, default, help in field_help():
         shown = "(required)" if default == "" else f"`{default}`" if default is not None else "`null`"

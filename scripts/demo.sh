@@ -7,7 +7,7 @@ start=$(date +%s)
 bash scripts/setup.sh
 .venv/bin/qolora prepare-demo --out demo
 rm -rf runs/demo
-.venv/bin/qolora train examples/demo.yaml "$@"
+.venv/bin/qolora train examples/sft/demo.yaml "$@"
 .venv/bin/python - <<'PY'
 import json
 m = json.load(open("runs/demo/metrics.json"))

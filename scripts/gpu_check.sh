@@ -11,7 +11,7 @@
 # BENCHMARKS.md rows and which goals were met. Exit status: 0 when every part is ok.
 #
 # On a machine without bitsandbytes or datasets (the GPU image), carry the wheels in .whl/
-# (README, "Several GPUs and the GPU check"); they are installed into /tmp/qolora-site with
+# (docs/gpu-check.md); they are installed into /tmp/qolora-site with
 # --no-index --no-deps and put on PYTHONPATH, never with pip install -e.
 set -uo pipefail
 cd "$(dirname "$0")/.."

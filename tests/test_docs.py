@@ -1,4 +1,4 @@
-"""The docs stay true: every design invariant names tests that exist, and the README's config-key
+"""The docs stay true: every design invariant names tests that exist, and the config-key
 table is the one the config fields' help generates."""
 
 from __future__ import annotations
@@ -29,13 +29,102 @@ def test_every_invariant_names_existing_tests() -> None:
             assert name in _tests_in(ROOT / file), f"invariant {n}: {file}::{name} does not exist"
 
 
-def test_every_config_field_has_help_and_the_readme_table_is_generated() -> None:
+def test_every_config_field_has_help_and_the_docs_table_is_generated() -> None:
     fields = field_help()
     assert len(fields) > 30 and all(help for _, _, help in fields), [k for k, _, h in fields if not h]
-    readme = (ROOT / "README.md").read_text()
-    m = re.search(r"<!-- config-keys:start -->\n(.*?)\n<!-- config-keys:end -->", readme, flags=re.S)
-    assert m, "README.md has no config-keys table"
-    assert m.group(1) == key_table(), "README's key table is stale: paste qolora.config.key_table() into it"
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    m = re.search(r"<!-- config-keys:start -->\n(.*?)\n<!-- config-keys:end -->", page, flags=re.S)
+    assert m, "docs/configuration.md has no config-keys table"
+    assert m.group(1) == key_table(), (
+        "the key table is stale: paste qolora.config.key_table() into docs/configuration.md"
+    )
+
+
+PAGES = sorted((ROOT / "docs").glob("*.md"))
+
+
+def _text(path: Path) -> str:
+    return path.read_text()
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_readme_is_a_front_door_and_links_every_docs_page() -> None:
+    readme = _text(ROOT / "README.md")
+    assert len(readme.splitlines()) <= 160, len(readme.splitlines())
+    assert len(PAGES) >= 9
+    for page in PAGES:
+        assert f"(docs/{page.name})" in readme, f"README does not link docs/{page.name}"
+    assert "(BENCHMARKS.md)" in readme
+
+
+def test_every_docs_page_opens_with_what_it_lets_the_reader_do() -> None:
+    for page in PAGES:
+        if page.name == "design.md":
+            continue
+        lines = _text(page).splitlines()
+        assert lines[0].startswith("# ") and lines[2].startswith("After reading this page you can "), page.name
+
+
+def test_every_relative_link_in_the_docs_resolves() -> None:
+    for path in [ROOT / "README.md", ROOT / "BENCHMARKS.md", *PAGES]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", _text(path)):
+            if "://" in target:
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            assert dest.exists(), f"{path.name}: link to {target}: no such file"
+            if anchor and dest.suffix == ".md":
+                heads = {_slug(h) for h in re.findall(r"^#+ (.+)$", dest.read_text(), flags=re.M)}
+                assert anchor in heads, f"{path.name}: link to {target}: no such heading"
+
+
+def test_every_command_and_config_key_quoted_in_the_docs_exists() -> None:
+    """`qolora <command>` (and `qolora export <kind>`) is one the CLI has; `section.key` is a config key."""
+    from qolora.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    commands = set(sub.choices)
+    export_kinds = set(next(a for a in sub.choices["export"]._actions if a.dest == "kind").choices)
+    import qolora.quant
+    import qolora.training
+
+    keys = {k for k, _, _ in field_help()}
+    code = {"quant": qolora.quant, "train": qolora.training}
+    sections = ("model", "quant", "adapter", "data", "train")
+    seen_cmd, seen_key = 0, 0
+    for path in [ROOT / "README.md", *PAGES]:
+        text = _text(path)
+        for cmd, arg in re.findall(r"`qolora ([a-z][a-z-]*)(?: ([a-z]+))?", text) + re.findall(
+            r"^qolora ([a-z][a-z-]*)(?: ([a-z]+))?", text, flags=re.M
+        ):
+            assert cmd in commands, f"{path.name}: qolora {cmd} is no command"
+            seen_cmd += 1
+            if cmd == "export" and arg:
+                assert arg in export_kinds, f"{path.name}: qolora export {arg} is no export kind"
+        for key in re.findall(r"`((?:" + "|".join(sections) + r")\.[a-z_]+)(?:[:=][^`]*)?`", text):
+            section, name = key.split(".")
+            if key not in keys and hasattr(code.get(section), name):
+                continue  # qolora.quant.load_base and the like: code, not a config key
+            assert key in keys, f"{path.name}: {key} is no config key"
+            seen_key += 1
+    assert seen_cmd > 20 and seen_key > 20, (seen_cmd, seen_key)
+
+
+def test_every_example_config_is_complete_and_every_family_has_one(capsys) -> None:
+    from .model_matrix import FAMILIES
+
+    configs = sorted((ROOT / "examples").rglob("*.yaml"))
+    names = {p.stem for p in (ROOT / "examples" / "models").glob("*.yaml")}
+    assert names == {f.name.lower().replace("-", "") for f in FAMILIES}
+    assert (ROOT / "examples" / "sft" / "demo.yaml") in configs
+    for path in configs:
+        assert main(["train", str(path), "--print-config"]) == 0, path
+        assert "model: " in capsys.readouterr().out
 
 
 def test_the_readme_supported_models_table_is_the_matrix() -> None:

@@ -1,4 +1,4 @@
-"""Faults while a run goes, one per row of README "When things go wrong": a diverged run, a
+"""Faults while a run goes, one per row of docs/training.md "When things go wrong": a diverged run, a
 SIGTERM or Ctrl-C, two runs in one folder, a corrupt checkpoint and a full disk. Each ends in one
 line and leaves a state from which ``--resume`` continues (docs/design.md, invariant 20)."""
 
