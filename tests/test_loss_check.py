@@ -42,7 +42,7 @@ def _grads(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("name", ["Granite", "Cohere", "Gemma2", "Llama"])
+@pytest.mark.parametrize("name", ["Granite", "Cohere", "Gemma2", "Llama", "GPT-NeoX"])
 def test_the_chunked_loss_and_its_gradients_are_the_models_own(name) -> None:
     model, batch = _realistic(name), _batch()
     total, count = token_loss_sum(model, batch, ce_chunk=16)  # several chunks

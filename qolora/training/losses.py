@@ -133,28 +133,42 @@ def causal_lm(model: nn.Module) -> nn.Module:
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
     inner = getattr(getattr(model, "base_model", None), "model", None)
-    return inner if inner is not None and hasattr(inner, "lm_head") else model
+    return inner if inner is not None and hasattr(inner, "get_output_embeddings") else model
+
+
+def lm_head(lm: nn.Module) -> nn.Module | None:
+    """The causal LM's output layer (``lm_head``; GPT-NeoX's ``embed_out``)."""
+    get = getattr(lm, "get_output_embeddings", None)
+    return get() if get is not None else getattr(lm, "lm_head", None)
+
+
+def lm_body(lm: nn.Module) -> nn.Module | None:
+    """The decoder under the head, whose first output is the final hidden state: ``lm.model``,
+    GPT-2's and Falcon's ``transformer``, GPT-NeoX's ``gpt_neox`` (transformers' ``base_model_prefix``)."""
+    body = getattr(lm, getattr(lm, "base_model_prefix", "") or "model", None)
+    return body if isinstance(body, nn.Module) and body is not lm else None
 
 
 def supports_chunked_ce(lm: nn.Module) -> bool:
-    """A plain bias-free lm_head on ``lm.model``'s last hidden state and a forward that can skip the
-    full logits (``logits_to_keep``). The logit transform comes from ``logit_transform``; that the
-    result is the model's own loss is checked on a real batch by ``check_loss``."""
-    head = getattr(lm, "lm_head", None)
+    """A plain bias-free output layer on the body's last hidden state (``lm_head``, ``lm_body``) and a
+    forward that can skip the full logits (``logits_to_keep``). The logit transform comes from
+    ``logit_transform``; that the result is the model's own loss is checked on a real batch by
+    ``check_loss``."""
+    head = lm_head(lm)
     return (
         isinstance(head, nn.Linear)
         and head.bias is None
-        and hasattr(lm, "model")
+        and lm_body(lm) is not None
         and "logits_to_keep" in inspect.signature(lm.forward).parameters
     )
 
 
 def final_hidden(model: nn.Module, lm: nn.Module, fwd: dict[str, Any]) -> torch.Tensor:
-    """``lm.model``'s last hidden state, from a forward through ``model`` itself.
+    """The body's (``lm_body``) last hidden state, from a forward through ``model`` itself.
 
     Note:
         The forward goes through ``model`` (a DDP wrapper) and not
-        ``lm.model`` directly: DDP all-reduces gradients only after a forward through it, and a
+        the body directly: DDP all-reduces gradients only after a forward through it, and a
         forward around it would leave every rank with its own gradients. ``logits_to_keep=1``
         keeps lm_head to one position per row; the loss then runs chunked on the hidden state.
     """
@@ -163,7 +177,7 @@ def final_hidden(model: nn.Module, lm: nn.Module, fwd: dict[str, Any]) -> torch.
     def keep(module: nn.Module, args: Any, output: Any) -> None:
         captured["hidden"] = output[0]
 
-    handle = lm.model.register_forward_hook(keep)
+    handle = lm_body(lm).register_forward_hook(keep)
     try:
         model(**fwd, logits_to_keep=1)
     finally:
@@ -189,7 +203,7 @@ def token_loss_sum(
         hidden = final_hidden(model, lm, fwd)
         total = chunked_ce_sum(
             hidden[:, :-1].reshape(-1, hidden.shape[-1]),
-            lm.lm_head.weight,
+            lm_head(lm).weight,
             labels.reshape(-1),
             ce_chunk,
             logit_transform(lm),
@@ -248,7 +262,7 @@ def check_loss(model: nn.Module, batch: dict[str, torch.Tensor], ce_chunk: int |
             own = model(**fwd, labels=batch["labels"], use_cache=False).loss
     finally:
         model.train(was)
-    tol = 1e-5 if lm.lm_head.weight.dtype == torch.float32 else 2e-2
+    tol = 1e-5 if lm_head(lm).weight.dtype == torch.float32 else 2e-2
     mean = float(total) / max(int(count), 1)
     return LossCheck(mean, float(own), int(count), tol, getattr(lm.config, "model_type", None))
 
