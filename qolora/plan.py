@@ -85,30 +85,21 @@ class Held:
 def held_from_config(c: dict[str, Any]) -> Held | None:
     """``Held`` for the config dict ``c``, or None when transformers cannot build it (no ``model_type``,
     or one it does not know): the plan then counts the Llama-style shape alone."""
-    from torch import nn
-
-    from .quant.loading import LINEAR_EQUIVALENT
+    from .quant.loading import converted_to_4bit, is_linear, kept_in_full_precision, meta_model
 
     try:
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        rest = {k: v for k, v in c.items() if k != "model_type"}
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(c["model_type"], **rest))
+        model = meta_model(c)
         model.tie_weights()  # tied embeddings are one tensor, as from_pretrained makes them
-    except Exception:  # noqa: BLE001 - an unknown or remote-code config: the shape formula stands
+    except Exception:  # noqa: BLE001 - no model_type, an unknown or remote-code one: the shape formula stands
         return None
     head = model.get_output_embeddings()
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
     four, full, types, counted = [], 0, set(), set()
     for name, m in model.named_modules():
-        w = getattr(m, "weight", None)
-        if m is head or w is None or not (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"):
+        if m is head or not is_linear(m):
             continue
+        w = m.weight
         counted.add(id(w))
-        converted = type(m) is nn.Linear or type(m).__name__ in (*LINEAR_EQUIVALENT, "Conv1D")
-        if converted and not any(name == k or name.endswith("." + k) for k in keep):
+        if converted_to_4bit(m) and not kept_in_full_precision(model, name):
             four.append(w.numel())
         else:
             full += w.numel()

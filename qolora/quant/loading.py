@@ -52,21 +52,36 @@ def linear_subclasses_as_linear() -> Iterator[None]:
         Bnb4BitHfQuantizer._process_model_before_weight_loading = original
 
 
+def is_linear(m: nn.Module) -> bool:
+    """A linear layer of any kind: nn.Linear (subclasses and Linear4bit included) or GPT-2's Conv1D."""
+    return isinstance(m, nn.Linear) or (type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None)
+
+
+def converted_to_4bit(m: nn.Module) -> bool:
+    """Whether QOLoRA's 4-bit load converts this (unskipped) linear layer: exactly nn.Linear, a
+    ``LINEAR_EQUIVALENT`` subclass, or Conv1D, as transformers' bitsandbytes conversion plus
+    ``linear_subclasses_as_linear`` do."""
+    return type(m) is nn.Linear or type(m).__name__ in (*LINEAR_EQUIVALENT, "Conv1D")
+
+
+def kept_in_full_precision(model: nn.Module, name: str, skipped: set[str] = frozenset()) -> bool:
+    """Whether module ``name`` is left out of the 4-bit conversion on purpose: named (in full or as a
+    suffix, as transformers' skip list) in ``skipped`` or in the model's ``_keep_in_fp32_modules``."""
+    keys = set(skipped) | set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return any(name == k or name.endswith("." + k) or name.startswith(k + ".") for k in keys)
+
+
 def full_precision_linears(model: nn.Module, allowed: set[str]) -> list[tuple[str, int]]:
-    """(name, extra bytes over 4-bit) of every linear layer (nn.Linear, its subclasses, Conv1D) of
-    ``model`` that is not 4-bit, leaving out the output embeddings and the modules ``allowed`` names
-    (full names or suffixes, as transformers' skip list) or the model keeps in fp32."""
+    """(name, extra bytes over 4-bit) of every linear layer (``is_linear``) of ``model`` that is not
+    4-bit, leaving out the output embeddings and what ``kept_in_full_precision`` names."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    keys = set(allowed) | set(getattr(model, "_keep_in_fp32_modules", None) or [])
     found = []
     for name, m in model.named_modules():
-        w = getattr(m, "weight", None)
-        skipped = any(name == k or name.endswith("." + k) or name.startswith(k + ".") for k in keys)
-        if m is head or skipped or w is None or getattr(w, "ndim", 0) != 2:
+        if m is head or not is_linear(m) or kept_in_full_precision(model, name, allowed):
             continue
-        if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D":
-            if not hasattr(w, "quant_state"):
-                found.append((name, int(w.numel() * (w.element_size() - 0.5))))
+        w = m.weight
+        if not hasattr(w, "quant_state"):
+            found.append((name, int(w.numel() * (w.element_size() - 0.5))))
     return found
 
 
@@ -91,7 +106,7 @@ def held_bytes(model: nn.Module) -> dict[str, int]:
             parts = weight_parts(m)[1] if hasattr(m.weight, "quant_state") else [("data", m.weight)]  # FSDP: a shard
             four += nbytes(t for _, t in parts) + nbytes(p for p in own if p is not m.weight)
             as_params += nbytes(own)
-        elif isinstance(m, nn.Linear) or (type(m).__name__ == "Conv1D" and own):
+        elif is_linear(m):
             linear += nbytes(own)
             as_params += nbytes(own)
     total = nbytes(model.parameters()) + nbytes(model.buffers())
@@ -130,12 +145,16 @@ def _device_type(device_map: Any) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def meta_model(path: str, trust_remote_code: bool = False) -> nn.Module:
-    """The model of ``path``'s ``config.json`` on the meta device: shapes only, nothing allocated."""
+def meta_model(path: str | dict[str, Any], trust_remote_code: bool = False) -> nn.Module:
+    """The model of ``path``'s ``config.json`` (or of a config dict, with its ``model_type``) on the
+    meta device: shapes only, nothing allocated."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if isinstance(path, dict):
+        config = AutoConfig.for_model(path["model_type"], **{k: v for k, v in path.items() if k != "model_type"})
+    else:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with init_empty_weights():
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 

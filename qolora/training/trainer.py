@@ -20,7 +20,7 @@ from ..config import Config, ConfigError
 from . import run_dir
 from .callbacks import MetricsCallback
 from .guard import DivergenceGuard, RunState
-from .losses import LossCheck, causal_lm, supports_chunked_ce, token_loss_sum, verified_ce_chunk
+from .losses import causal_lm, supports_chunked_ce, token_loss_sum, verified_ce_chunk
 from .lr import resolve_lr
 from .tokenize import Collator
 
@@ -109,7 +109,6 @@ class QoloraTrainer(Trainer):
         self._step_loss: torch.Tensor | None = None
         self.unverified: Path | None = None  # the newest checkpoint, until the next step's loss is seen
         self.save_deferred = False  # a save a suspect step held back
-        self.loss_check: LossCheck | None = None
         self.loss_checked = False  # the chunked CE is trusted after it matched the model's own loss (check_loss_once)
         self.run_state = RunState(guard)
         self.run_state.trainer = self
@@ -273,7 +272,6 @@ class QoloraTrainer(Trainer):
         checks = distributed.all_gather(check, distributed.world())
         if any(not c.ok for c in checks):
             self.ce_chunk, check = None, next(c for c in checks if not c.ok)
-        self.loss_check = check
         for cb in self.callback_handler.callbacks:
             if isinstance(cb, MetricsCallback):
                 cb.extra["loss_check"] = {**check.to_dict(), "ce": "chunked" if self.ce_chunk else "full logits"}
