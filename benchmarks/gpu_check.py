@@ -248,8 +248,9 @@ def _build(shape: dict, kind: str, rank: int) -> Any:
 def _trainer(kind: str, model: Any, examples: list, out: str, steps: int, rank: int, offload: bool = False) -> Any:
     from transformers import Trainer, TrainingArguments
 
+    from qolora.training.harness import checkpointing_args
     from qolora.training.tokenize import Collator
-    from qolora.training.trainer import build_trainer, checkpointing_args
+    from qolora.training.trainer import build_trainer
 
     if kind == "qolora":
         return build_trainer(model, _Tok(), examples, None, _qolora_cfg(out, steps, rank, offload))

@@ -64,6 +64,8 @@ class AdapterMeta:
         transposed: target layers whose checkpoint tensor is stored (in, out), as Conv1D's is.
         data: the data settings of training (``DATA_KEYS``); None for an adapter not trained by
             ``qolora train``.
+        training: how it was trained: ``method`` (``choices.METHODS``) and, for a preference
+            method, its settings under TRL's names; None for an initial adapter.
     """
 
     init: str
@@ -80,6 +82,7 @@ class AdapterMeta:
     data: dict[str, Any] | None = None
     init_iters: int = 1
     svd_niter: int | None = None
+    training: dict[str, Any] | None = None
 
     @property
     def factored(self) -> bool:
@@ -108,6 +111,7 @@ class AdapterMeta:
                 "transposed": self.transposed,
             },
             "data": self.data,
+            "training": self.training,
             "versions": library_versions(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -148,6 +152,7 @@ class AdapterMeta:
                 data=d.get("data") if version >= 2 else _v1_data(Path(adapter_dir)),
                 init_iters=int(init.get("iters", 1)),
                 svd_niter=init.get("svd_niter"),
+                training=d.get("training"),
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: missing or malformed field {e}") from e

@@ -12,4 +12,15 @@ DTYPE_NAMES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
 GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_k_m")  # llama.cpp tensor types `qolora export gguf` writes
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")  # train.report_to: the Trainer integrations offered
 DISTRIBUTED_MODES = ("auto", "ddp", "fsdp")  # train.distributed: auto is ddp above one process
-DATA_FORMATS = ("chat", "sharegpt", "alpaca", "prompt_completion", "text")  # detection order (training/formats.py)
+DATA_FORMATS = (  # detection order (training/formats.py)
+    "chat",
+    "sharegpt_preference",
+    "sharegpt",
+    "preference",
+    "kto",
+    "alpaca",
+    "prompt_completion",
+    "text",
+)
+PREFERENCE_METHODS = ("dpo", "ipo", "orpo", "kto", "simpo")  # TRL's trainers (training/preference.py)
+METHODS = ("sft", *PREFERENCE_METHODS)  # train.method

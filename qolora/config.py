@@ -21,6 +21,7 @@ from .choices import (
     DTYPE_NAMES,
     INIT_SOURCES,
     INITS,
+    METHODS,
     QUANT_TYPES,
     REPORT_TO,
     TRAIN_OPTIMIZERS,
@@ -140,6 +141,11 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = _f("runs/qolora", "run folder: checkpoints, adapter/, metrics.json, loss.png, config.yaml")
+    method: Literal[METHODS] = _f(
+        "sft",
+        "sft (supervised), or preference tuning on TRL's trainers: dpo, ipo, orpo, kto, simpo (settings under "
+        "pref; docs/preference.md)",
+    )
     max_steps: int = _f(-1, "optimizer steps; -1 trains for train.epochs")
     epochs: float = _f(1.0, "passes over the data when max_steps is -1")
     batch_size: int = _f(4, "examples per device batch")
@@ -208,12 +214,47 @@ class TrainConfig:
 
 
 @dataclass
+class PrefConfig:
+    """Preference tuning's settings, named as TRL names them (train.method other than sft)."""
+
+    beta: float | None = _f(
+        None,
+        "how far the policy may move from the reference (TRL's beta; ORPO's lambda, SimPO's beta); null: the "
+        "method's default (0.1; simpo 2.0)",
+    )
+    loss_type: str | None = _f(
+        None, "dpo only: TRL's DPO loss_type (sigmoid, hinge, robust, exo_pair, ...); null: sigmoid. ipo sets ipo"
+    )
+    label_smoothing: float = _f(0.0, "dpo: the share of pairs taken to be mislabeled (robust / cDPO), in [0, 0.5)")
+    simpo_gamma: float = _f(0.5, "simpo: the target reward margin gamma")
+    desirable_weight: float = _f(1.0, "kto: weight of the desirable (label true) examples' loss")
+    undesirable_weight: float = _f(1.0, "kto: weight of the undesirable (label false) examples' loss")
+    precompute_ref_log_probs: bool = _f(
+        False,
+        "dpo, ipo, kto: compute the reference's log-probs once before step 1 instead of at every step (the "
+        "reference is the initial adapter either way)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.beta is not None and not self.beta > 0:
+            raise ConfigError(f"pref.beta: must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"pref.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        for k in ("desirable_weight", "undesirable_weight"):
+            if not getattr(self, k) > 0:
+                raise ConfigError(f"pref.{k}: must be > 0, got {getattr(self, k)}")
+
+
+@dataclass
 class Config:
     model: str = _f("", "a local HF model folder, or a hub id in the local cache (required)")
     quant: QuantConfig = field(default_factory=QuantConfig, metadata={"help": "how the base is quantized"})
     adapter: AdapterConfig = field(default_factory=AdapterConfig, metadata={"help": "the adapter"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "training and held-out data"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the training run"})
+    pref: PrefConfig = field(
+        default_factory=PrefConfig, metadata={"help": "preference tuning (train.method other than sft)"}
+    )
     version: int = _f(CONFIG_VERSION, "config format version")
 
     def __post_init__(self) -> None:
@@ -226,6 +267,16 @@ class Config:
             raise ConfigError(
                 f"adapter.init: {a.init} with {a.init_iters} round(s) refits to what 4-bit quantization loses; "
                 "quant.type is none (set quant.type: nf4, or use olora / pissa with init_iters 1)"
+            )
+        if self.train.method != "sft" and self.train.distributed == "fsdp":
+            raise ConfigError(
+                f"train.distributed: fsdp runs sft only for now; train.method={self.train.method} runs on one "
+                "process or under ddp"
+            )
+        if self.pref.loss_type is not None and self.train.method != "dpo":
+            raise ConfigError(
+                f"pref.loss_type: sets DPO's loss; train.method is {self.train.method} (ipo, simpo and kto fix "
+                "their own)"
             )
 
 

@@ -185,17 +185,18 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def add_trainer_callback(monkeypatch, callback) -> None:
-    """Make ``qolora.training.run.train`` add ``callback`` to the Trainer it builds."""
+    """Make ``qolora.training.run.train`` add ``callback`` to the Trainer it builds, for any method."""
     import qolora.training.run as run
 
-    build = run.build_trainer
+    for name in ("build_trainer", "build_preference_trainer"):
+        build = getattr(run, name)
 
-    def build_with_callback(*a, **k):
-        trainer = build(*a, **k)
-        trainer.add_callback(callback)
-        return trainer
+        def build_with_callback(*a, _build=build, **k):
+            trainer = _build(*a, **k)
+            trainer.add_callback(callback)
+            return trainer
 
-    monkeypatch.setattr(run, "build_trainer", build_with_callback)
+        monkeypatch.setattr(run, name, build_with_callback)
 
 
 def assert_same_state(ours: torch.nn.Module, ref: torch.nn.Module, n_lora: int, tol: float = 1e-5) -> None:

@@ -54,6 +54,22 @@ ROWS = {  # a row per format, and the conversation that generate is given for it
         [{"role": "user", "content": "how do i train"}],
     ),
     "text": ({"text": "the model is good and the data is fine"}, [{"role": "user", "content": "the model is good"}]),
+    "preference": (
+        {"prompt": "what is python", "chosen": "python is code", "rejected": "no"},
+        [{"role": "user", "content": "what is python"}],
+    ),
+    "sharegpt_preference": (
+        {
+            "conversations": [{"from": "system", "value": SYSTEM}, {"from": "human", "value": "hello who are you"}],
+            "chosen": {"from": "gpt", "value": "i can code"},
+            "rejected": {"from": "gpt", "value": "no"},
+        },
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hello who are you"}],
+    ),
+    "kto": (
+        {"prompt": "how do i train", "completion": "train it well", "label": True},
+        [{"role": "user", "content": "how do i train"}],
+    ),
 }
 
 

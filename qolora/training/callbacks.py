@@ -25,9 +25,22 @@ def peak_memory_bytes() -> dict[str, int]:
     return out
 
 
+KEPT = ("rewards/", "kl")  # TRL's preference metrics kept beside the loss, under TRL's names
+
+
+def _kept(e: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {k: v for k, v in e.items() if any(k.startswith(prefix + name) for name in KEPT)}
+
+
 def metrics_from_history(log_history: list[dict[str, Any]]) -> dict[str, Any]:
-    history = [{"step": e["step"], "loss": e["loss"]} for e in log_history if "loss" in e and "step" in e]
-    evals = [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in log_history if "eval_loss" in e]
+    """The train loss and eval loss per logged step, with a preference method's rewards (chosen,
+    rejected, margins, accuracies) and KL as TRL logs them."""
+    history = [
+        {"step": e["step"], "loss": e["loss"], **_kept(e, "")} for e in log_history if "loss" in e and "step" in e
+    ]
+    evals = [
+        {"step": e["step"], "eval_loss": e["eval_loss"], **_kept(e, "eval_")} for e in log_history if "eval_loss" in e
+    ]
     return {"history": history, "eval": evals}
 
 
@@ -47,7 +60,16 @@ def plot_loss(metrics: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left")
+    margin = "rewards/margins"
+    if any(margin in x for x in h) or any(f"eval_{margin}" in x for x in e):  # a preference method's margin
+        ax2 = ax.twinx()
+        pts = [(x["step"], x[margin]) for x in h if margin in x]
+        ax2.plot([s for s, _ in pts], [m for _, m in pts], color="tab:green", alpha=0.6, label="train reward margin")
+        pts = [(x["step"], x[f"eval_{margin}"]) for x in e if f"eval_{margin}" in x]
+        ax2.plot([s for s, _ in pts], [m for _, m in pts], "s-", color="tab:red", label="eval reward margin")
+        ax2.set_ylabel("reward margin (chosen - rejected)")
+        ax2.legend(loc="upper right")
     save_figure_atomic(fig, path)
 
 

@@ -43,6 +43,13 @@ class DivergenceGuard:
       that began below 75% of it: a pretrained model that drifts to a uniform guess has diverged
       (the demo at lr 50 does; a random-init test model starts there and is exempt).
 
+    With ``from_start`` (preference methods) the bound is ``factor`` x the first step's loss
+    instead, and a step's own bound twice that: a preference loss starts where the policy is the
+    reference (ln 2 for DPO's sigmoid loss) and may fall towards 0 as the pairs are learned, so its
+    lowest level is no measure of a blow-up, and there is no vocabulary rule. DPO at factor 3 stops
+    when the smoothed loss stays above 3 ln 2: the policy then prefers the rejected answers by a
+    log-ratio margin of ln 7 / beta (sigmoid(-ln 7) = 1/8).
+
     Note:
         While a step's loss or the smoothed loss is above the bound the run is "suspect": no
         checkpoint is written (it is written at the first step that is not), and the checkpoint
@@ -53,6 +60,7 @@ class DivergenceGuard:
     factor: float = 3.0
     patience: int = 10
     uniform_loss: float | None = None
+    from_start: bool = False
     beta: float = 0.9
     slow_beta: float = 0.98
     min_steps: int = 10
@@ -73,6 +81,8 @@ class DivergenceGuard:
 
     def bound(self) -> float:
         """What the smoothed loss may reach now (inf before anything bounds it)."""
+        if self.from_start:
+            return self.factor * self.first if self.first is not None else math.inf
         b = self.factor * self.lowest
         if self._uniform_applies():
             b = min(b, 0.9 * self.uniform_loss)
@@ -81,6 +91,8 @@ class DivergenceGuard:
     def step_bound(self) -> float:
         """What one step's own loss may reach: twice the smoothed bound (one bad batch is noise),
         but no more than 90% of a uniform guess's loss (no batch of a working model is that bad)."""
+        if self.from_start:
+            return 2 * self.bound()
         b = 2 * self.factor * self.lowest
         if self._uniform_applies():
             b = min(b, 0.9 * self.uniform_loss)
@@ -152,6 +164,8 @@ class DivergenceGuard:
             )
 
     def _why(self, bound: float) -> str:
+        if self.from_start:
+            return f"{self.factor:g} x the first step's loss {self.first:.4g}"
         if bound == self.factor * self.lowest:
             return f"{self.factor:g} x its lowest level {self.lowest:.4g}"
         return f"{bound:.4g}, 90% of a uniform guess's loss ln(vocab) = {self.uniform_loss:.4g}"
@@ -161,6 +175,7 @@ class DivergenceGuard:
             "factor": self.factor,
             "patience": self.patience,
             "uniform_loss": self.uniform_loss,
+            "from_start": self.from_start,
             "beta": self.beta,
             "slow_beta": self.slow_beta,
             "min_steps": self.min_steps,

@@ -51,11 +51,16 @@ def _by_rank(init: str, r: int) -> tuple[float, str, set[int]]:
     return lr, f"log-interpolated between the {init} r{lo} and r{hi} entries of AUTO_LR", {lo, hi}
 
 
-def resolve_lr(lr: float | str, init: str, r: int, alpha: float) -> tuple[float, str]:
+PREFERENCE_LR_DIVISOR = 10
+
+
+def resolve_lr(lr: float | str, init: str, r: int, alpha: float, method: str = "sft") -> tuple[float, str]:
     """The lr to train with, and why. An explicit number wins; "auto" reads ``AUTO_LR``.
 
     Away from alpha = r the table value is divided by the LoRA scale alpha/r: with Adam the
-    per-step change of s·B·A grows in proportion to s, for either init.
+    per-step change of s·B·A grows in proportion to s, for either init. The table was swept for
+    SFT; a preference method (``method`` not sft) takes a tenth of it (provisional: BENCHMARKS.md
+    "Preference tuning" has the DPO sweep).
     """
     if lr != "auto":
         return float(lr), "set explicitly"
@@ -66,4 +71,7 @@ def resolve_lr(lr: float | str, init: str, r: int, alpha: float) -> tuple[float,
     if not math.isclose(scale, 1.0):
         value /= scale
         why += f", divided by the LoRA scale alpha/r = {scale:g} (the table is for alpha = r)"
+    if method != "sft":
+        value /= PREFERENCE_LR_DIVISOR
+        why += f", divided by {PREFERENCE_LR_DIVISOR} for {method} (provisional: the table was swept for sft)"
     return float(f"{value:.3g}"), why

@@ -32,8 +32,16 @@ from . import run_dir
 from .callbacks import MetricsCallback
 from .data import load_rows, load_sources
 from .guard import DivergedError, SignalStop
+from .harness import check_report_to
+from .preference import (
+    build_preference_trainer,
+    check_method_format,
+    drop_reference_,
+    training_record,
+    trl_dataset,
+)
 from .tokenize import Encoder, head, pack_examples, split_rows
-from .trainer import build_trainer, check_report_to, prepare_for_training_
+from .trainer import build_trainer, prepare_for_training_
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +55,29 @@ def load_tokenizer(model: str) -> Any:
     return tok
 
 
-def prepare_data(cfg: Config, tokenizer: Any) -> tuple[list, list, dict[str, Any]]:
-    """Validate and tokenize every row before any model is loaded."""
-    d = cfg.data
+def prepare_data(cfg: Config, tokenizer: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """Validate and tokenize every row before any model is loaded. A preference method's rows are
+    validated here and tokenized by TRL's trainer (``preference.trl_dataset``)."""
+    d, method = cfg.data, cfg.train.method
     rows = head(load_sources(d.train, d.format, d.skip_bad_rows, cfg.train.seed), d.max_train_rows)
     if d.eval:
         eval_rows = load_rows(d.eval, d.format, d.skip_bad_rows)
     else:
         rows, eval_rows = split_rows(rows, d.eval_fraction, cfg.train.seed)
     eval_rows = head(eval_rows, d.max_eval_rows)
+    for r in (rows, eval_rows):
+        check_method_format(method, r.format, r.path)
+    if method != "sft":
+        chat = Encoder(tokenizer, d.max_length, d.template).template == "chat"
+        train_ds, eval_ds = trl_dataset(rows, method, chat), trl_dataset(eval_rows, method, chat)
+        stats = {
+            "format": rows.format,
+            "template": "chat" if chat else "plain",
+            "train": {"rows": len(rows.rows), "examples": len(train_ds)},
+            "eval": {"rows": len(eval_rows.rows), "examples": len(eval_ds)},
+            "skipped_rows": len(rows.skipped),
+        }
+        return train_ds, (eval_ds if len(eval_ds) else None), stats
     enc_train = Encoder(tokenizer, d.max_length, d.template, d.completion_only)
     enc_eval = Encoder(tokenizer, d.max_length, d.template, d.completion_only)
     train_ex, eval_ex = enc_train.encode_rows(rows), enc_eval.encode_rows(eval_rows)
@@ -329,8 +351,11 @@ def _train(cfg: Config, resume: bool, mode: str, out: Path, stop: SignalStop | N
         t.grad_accum,
         w.size,
     )
-    trainer = build_trainer(model, tokenizer, train_ex, eval_ex, cfg, extra, eval_on_start=not resume)
+    build = build_trainer if t.method == "sft" else build_preference_trainer
+    trainer = build(model, tokenizer, train_ex, eval_ex, cfg, extra, eval_on_start=not resume)
     run_trainer(trainer, ckpt, out, stop, w)
+    drop_reference_(model)
+    model.qolora_states["default"].meta.training = training_record(cfg)
     final = out / FINAL_ADAPTER
     state = fsdp.full_trainable_state(model) if mode == "fsdp" else None  # gathered from every rank
     if w.is_main:

@@ -54,7 +54,7 @@ def main() -> None:
     ref = model(input_ids=x, labels=x).loss
     ref.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    from qolora.training.trainer import grad_norm
+    from qolora.training.harness import grad_norm
 
     ref_norm = grad_norm(model)
     model.zero_grad(set_to_none=True)

@@ -1,0 +1,252 @@
+"""Preference tuning (``train.method``: dpo, ipo, orpo, kto, simpo) on TRL's trainers: the reference
+is the initial model exactly, for every init (docs/design.md, invariant 28), on the run harness."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from qolora.adapters import get_qolora_model, load_adapter
+from qolora.config import dump_config
+from qolora.training.data import DataError, load_rows
+from qolora.training.guard import DivergedError, DivergenceGuard
+from qolora.training.preference import (
+    REFERENCE_ADAPTER,
+    build_preference_trainer,
+    trl_dataset,
+)
+from qolora.training.run import load_base, lora_config, train
+from qolora.training.tokenize import Encoder
+from qolora.training.trainer import prepare_for_training_
+
+from .conftest import add_trainer_callback, child_env, make_tokenizer, tiny_train_config
+from .test_train import KILLER as TRAIN_KILLER
+
+WORDS = ["hello", "hi", "good", "fine", "thanks", "yes", "no", "python", "code", "model"]
+
+
+def pairs_file(tmp_path, n: int = 24, kto: bool = False) -> str:
+    rows = []
+    for i in range(n):
+        prompt = f"what is {WORDS[i % 10]}"
+        chosen = f"{WORDS[(i * 3) % 10]} {WORDS[(i * 7) % 10]}"
+        rejected = f"{WORDS[(i * 7) % 10]} no {WORDS[i % 10]}"
+        if kto:
+            rows.append({"prompt": prompt, "completion": chosen if i % 2 else rejected, "label": bool(i % 2)})
+        else:
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    p = tmp_path / ("kto.jsonl" if kto else "pairs.jsonl")
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(p)
+
+
+def pref_config(model_dir, tmp_path, method: str = "dpo", init: str = "olora", **train_kw):
+    """The tiny SFT test run's config (``tiny_train_config``) on preference pairs (or KTO rows)."""
+    cfg = tiny_train_config(model_dir, tmp_path, method=method, **train_kw)
+    cfg.data.train = pairs_file(tmp_path, kto=method == "kto")
+    cfg.adapter.init = init.split("-")[0]
+    cfg.adapter.init_iters = 2 if init == "olora-iters2" else 1
+    return cfg
+
+
+def step0_trainer(model_dir, tmp_path, init: str, template: str = "auto"):
+    """A DPO trainer on a fresh init of the tiny chat model, nothing trained, in fp32 on the CPU."""
+    cfg = pref_config(model_dir, tmp_path, init=init)
+    cfg.data.template = template
+    base = load_base(cfg)
+    prepare_for_training_(base, True)
+    a = cfg.adapter
+    model = get_qolora_model(base, lora_config(cfg), init=a.init, init_iters=a.init_iters)
+    tok = make_tokenizer()
+    rows = load_rows(cfg.data.train)
+    chat = Encoder(tok, 32, template).template == "chat"
+    ds = trl_dataset(rows, "dpo", chat)
+    return model, build_preference_trainer(model, tok, ds, ds, cfg), rows
+
+
+PROBE = torch.tensor([[1, 7, 8, 9, 10, 11]])
+INITS = ["lora", "olora", "pissa", "loftq", "olora-iters2"]
+
+
+@pytest.mark.parametrize("init", INITS)
+def test_the_reference_is_the_initial_model_for_every_init(chat_model_dir, tmp_path, init) -> None:
+    """At step 0 the policy is the reference: DPO's rewards are 0 and its sigmoid loss is ln 2
+    (fp32, CPU), and the trainable adapter is the initial one, bit for bit and in its own dtype
+    (TRL casts a 4-bit model's adapter to bf16: that cast is undone)."""
+    model, trainer, _ = step0_trainer(chat_model_dir, tmp_path, init)
+    state = model.qolora_states["default"]
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        if p.requires_grad:
+            assert p.dtype == torch.float32, name
+            assert torch.equal(p, params[name.replace(".default.", f".{REFERENCE_ADAPTER}.")]), name
+    if state.factors:  # a factored init: the adapter holds B0, A0 exactly
+        layer, (b0, a0) = next(iter(state.factors.items()))
+        assert torch.equal(params[f"base_model.model.{layer}.lora_B.default.weight"], b0)
+    m = trainer.evaluate()
+    assert abs(m["eval_rewards/chosen"]) < 1e-6 and abs(m["eval_rewards/rejected"]) < 1e-6, m
+    assert abs(m["eval_loss"] - math.log(2)) < 1e-6, m
+
+
+@pytest.mark.parametrize("init", ["olora", "lora"])
+def test_negative_control_adapters_off_is_not_the_initial_model_for_a_factored_init(
+    chat_model_dir, tmp_path, init
+) -> None:
+    """The reference most tools use, the policy with its adapters switched off, is the residual
+    base W - s·B0·A0 for OLoRA: the step-0 check fails on it. For plain LoRA (B0 = 0) it holds."""
+    model, trainer, _ = step0_trainer(chat_model_dir, tmp_path, init)
+    model.delete_adapter(REFERENCE_ADAPTER)  # TRL then takes the reference with the adapters disabled
+    m = trainer.evaluate()
+    off = max(abs(m["eval_rewards/chosen"]), abs(m["eval_rewards/rejected"]), abs(m["eval_loss"] - math.log(2)))
+    assert (off > 1e-3) if init == "olora" else (off < 1e-6), m
+
+
+def test_negative_control_trls_bf16_cast_moves_the_start(chat_model_dir, tmp_path, monkeypatch) -> None:
+    """Without ``exact_start_`` the trainable adapter TRL leaves is bf16, not the initial factors."""
+    import qolora.training.preference as pref
+
+    monkeypatch.setattr(pref, "exact_start_", lambda model, start: None)
+    model, _, _ = step0_trainer(chat_model_dir, tmp_path, "olora")
+    b = next(p for n, p in model.named_parameters() if n.endswith("lora_B.default.weight"))
+    assert b.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("template", ["chat", "plain"])
+def test_trls_prompt_is_what_generate_renders(chat_model_dir, tmp_path, template) -> None:
+    """TRL tokenizes the pairs; its prompt ids are the ids ``qolora generate`` gives the same
+    conversation (docs/design.md, "train and serve render alike")."""
+    _, trainer, rows = step0_trainer(chat_model_dir, tmp_path, "olora", template)
+    enc = Encoder(make_tokenizer(), 32, template)
+    for i in range(3):
+        assert trainer.train_dataset[i]["prompt_ids"] == enc.prompt_ids(rows.rows[i]["prompt"], "preference")
+
+
+@pytest.mark.parametrize("method", ["dpo", "ipo", "orpo", "kto", "simpo"])
+def test_every_method_trains_and_records_its_rewards_and_reloads_exactly(
+    chat_model_dir, tmp_path, monkeypatch, method
+) -> None:
+    seen = {}
+
+    class Capture(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kw):
+            model.eval()
+            with torch.no_grad():
+                seen["logits"] = model(input_ids=PROBE).logits.clone()  # the trained model, as it ends
+
+    add_trainer_callback(monkeypatch, Capture())
+    final = train(pref_config(chat_model_dir, tmp_path, method, max_steps=4))
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["training"]["method"] == method and len(m["history"]) == 4
+    if method in ("dpo", "ipo", "kto"):
+        start = m["eval"][0]
+        assert start["step"] == 0 and abs(start["eval_rewards/chosen"]) < 1e-6, start
+    if method != "kto":
+        assert all("rewards/margins" in h for h in m["history"]) and "eval_rewards/margins" in m["eval"][-1]
+    meta = json.loads((final / "qolora.json").read_text())
+    assert meta["training"]["method"] == method
+    from safetensors import safe_open
+
+    with safe_open(str(final / "adapter_model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if f".{REFERENCE_ADAPTER}." in k]
+    reloaded = load_adapter(final)
+    with torch.no_grad():
+        got = reloaded(input_ids=PROBE).logits
+    assert torch.equal(got, seen["logits"])
+
+
+KILLER = TRAIN_KILLER.replace("build_trainer", "build_preference_trainer")  # kill -9 after checkpoint-4
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_resume_after_kill_9_gives_the_uninterrupted_losses(chat_model_dir, tmp_path, method) -> None:
+    ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
+    ref_dir.mkdir()
+    kill_dir.mkdir()
+    train(pref_config(chat_model_dir, ref_dir, method, max_steps=7))
+    want = json.loads((ref_dir / "run" / "metrics.json").read_text())["history"]
+
+    cfg = pref_config(chat_model_dir, kill_dir, method, max_steps=7)
+    dump_config(cfg, kill_dir / "cfg.yaml")
+    (kill_dir / "killer.py").write_text(KILLER)
+    proc = subprocess.run(
+        [sys.executable, str(kill_dir / "killer.py"), str(kill_dir / "cfg.yaml")],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (kill_dir / "run" / "checkpoint-4").is_dir() and not (kill_dir / "run" / "adapter").exists()
+    train(cfg, resume=True)
+    got = json.loads((kill_dir / "run" / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in got] == list(range(1, 8))
+    assert [h["loss"] for h in got] == [h["loss"] for h in want]
+    key = "rewards/margins" if method == "dpo" else "kl"
+    assert [h.get(key) for h in got] == [h.get(key) for h in want]
+
+
+def test_the_guard_bounds_a_preference_loss_from_its_start_not_its_lowest() -> None:
+    """A DPO loss starts at ln 2 and may fall towards 0: noise around a tiny loss is no blow-up
+    (SFT's rule, ``factor`` x the lowest level, would stop it), while a loss held above 3 ln 2 is."""
+    low = DivergenceGuard(3.0, 5, None, from_start=True)
+    sft_rule = DivergenceGuard(3.0, 5, None)
+    noisy = [math.log(2)] + [0.5 * 0.7**i for i in range(60)] + [0.05 + 0.25 * (i % 2) for i in range(30)]
+    for i, loss in enumerate(noisy, 1):
+        low.observe(i, loss, 1.0)
+    with pytest.raises(DivergedError):
+        for i, loss in enumerate(noisy, 1):
+            sft_rule.observe(i, loss, 1.0)
+    g = DivergenceGuard(3.0, 5, None, from_start=True)
+    with pytest.raises(DivergedError, match=r"3 x the first step's loss 0\.6931"):
+        for i, loss in enumerate([math.log(2)] * 12 + [2.5] * 40, 1):
+            g.observe(i, loss, 1.0)
+
+
+def test_a_diverging_dpo_run_stops_in_one_line(chat_model_dir, tmp_path, monkeypatch) -> None:
+    """From step 4 the DPO loss TRL computes is held at 4.7 (about 7 ln 2; a tiny random model
+    does not blow up on its own: at lr 30 it collapses to a uniform guess, which DPO's loss cannot
+    see, since the reference is nearly uniform too). The guard stops the run in one line, at the
+    patience, with no adapter written."""
+    from trl import DPOTrainer
+
+    compute = DPOTrainer.compute_loss
+
+    def blown_up(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = compute(self, model, inputs, return_outputs, num_items_in_batch)
+        if model.training and self.state.global_step >= 3:
+            return loss * 0 + 4.7
+        return loss
+
+    monkeypatch.setattr(DPOTrainer, "compute_loss", blown_up)
+    cfg = pref_config(chat_model_dir, tmp_path, "dpo", max_steps=30, divergence_patience=3, eval_steps=100)
+    with pytest.raises(DivergedError, match=r"above 3 x the first step's loss 0\.69.* for 3 steps") as e:
+        train(cfg)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "run" / "adapter").exists()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["stopped"]["reason"] == "diverged"
+
+
+def test_rows_that_do_not_suit_the_method_are_one_line(chat_model_dir, tmp_path) -> None:
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps({"prompt": "hi", "chosen": "yes", "rejected": "no"}) + "\n")
+    p.write_text(p.read_text() + json.dumps({"prompt": "hi", "chosen": "yes", "rejected": "yes"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl row 2: field 'rejected' equals 'chosen'"):
+        load_rows(p)
+    assert len(load_rows(p, skip_bad_rows=True).rows) == 1
+    cfg = pref_config(chat_model_dir, tmp_path, "dpo")
+    sft_rows = tmp_path / "sft.jsonl"
+    sft_rows.write_text((json.dumps({"prompt": "hi", "completion": "yes"}) + "\n") * 4)
+    cfg.data.train = str(sft_rows)
+    with pytest.raises(DataError, match=r"train.method=dpo needs preference or sharegpt_preference rows"):
+        train(cfg)
+    (tmp_path / "k").mkdir()
+    cfg = pref_config(chat_model_dir, tmp_path / "k", "kto")
+    cfg.train.method = "sft"
+    with pytest.raises(DataError, match=r"kto rows carry desirable / undesirable labels"):
+        train(cfg)
