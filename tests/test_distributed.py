@@ -152,6 +152,36 @@ def test_accelerate_launch_gives_the_same_run(runs) -> None:
     assert got["world_size"] == 2 and [h["loss"] for h in got["history"]] == [h["loss"] for h in want["history"]]
 
 
+def test_dpo_two_ranks_equal_one_rank_at_the_same_global_batch(runs) -> None:
+    """DPO (TRL's trainer, the reference adapter on every rank): 2 ranks of batch 2 give the losses
+    and rewards of 1 rank of batch 2 x grad_accum 2, and the step-0 rewards are 0 on both.
+
+    Note:
+        32 training and 8 held-out pairs: whole global batches. TRL's DPO eval is a mean of batch
+        means, and accelerate evens out the ranks' last batches by repeating pairs, so an eval set
+        that is not a multiple of the global batch differs between world sizes (docs/preference.md).
+    """
+    from .test_preference import pairs_file
+
+    root, model = runs["root"], Path(runs["one"].model)
+    one = _config(model, root / "dpo-one", grad_accum=2, method="dpo")
+    two = _config(model, root / "dpo-two", method="dpo")
+    for cfg, d in ((one, root / "dpo-one"), (two, root / "dpo-two")):
+        cfg.data.train = pairs_file(d, n=40)
+    train(one)
+    dump_config(two, root / "dpo-two.yaml")
+    proc = torchrun(root / "dpo-two.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = metrics(root / "dpo-one" / "run"), metrics(root / "dpo-two" / "run")
+    assert b["world_size"] == 2 and a["global_batch"] == b["global_batch"] == 4
+    assert [h["step"] for h in b["history"]] == list(range(1, STEPS + 1))
+    for x, y in zip(a["history"], b["history"], strict=True):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 and abs(x["rewards/margins"] - y["rewards/margins"]) <= 1e-5
+    for x, y in zip(a["eval"], b["eval"], strict=True):
+        assert abs(x["eval_loss"] - y["eval_loss"]) <= 1e-5
+    assert abs(b["eval"][0]["eval_rewards/margins"]) < 1e-6 and b["eval"][0]["step"] == 0
+
+
 def fault_run(
     runs: dict, name: str, fault: str, distributed: str = "ddp", **env: str
 ) -> tuple[subprocess.CompletedProcess, Path]:
