@@ -155,6 +155,23 @@ def docstring_pairs(max_chars: int = 400) -> list[dict[str, str]]:
     return pairs
 
 
+def preference_pairs(pairs: list[dict[str, str]], seed: int = 0) -> list[dict[str, str]]:
+    """Preference rows from Q/A pairs: chosen = a question's own answer, rejected = another
+    question's answer (a seeded derangement, never equal to the chosen). A test of the preference
+    machinery on real text, not a benchmark of alignment: the right answer is always on-topic."""
+    answers = [p["completion"] for p in pairs]
+    rng = random.Random(seed)
+    out = []
+    for i, p in enumerate(pairs):
+        j = rng.randrange(len(pairs) - 1)
+        j += j >= i  # any other row
+        k = j
+        while answers[k] == p["completion"]:  # the corpus repeats some answers
+            k = (k + 1) % len(pairs)
+        out.append({"prompt": p["prompt"], "chosen": p["completion"], "rejected": answers[k]})
+    return out
+
+
 def write_jsonl(rows: list[dict[str, str]], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -162,7 +179,8 @@ def write_jsonl(rows: list[dict[str, str]], path: Path) -> None:
 
 
 def prepare_demo(out: str | Path = "demo", eval_fraction: float = 0.1, seed: int = 0) -> dict[str, Path]:
-    """Make ``out/model`` and ``out/data/{train,eval}.jsonl``; idempotent."""
+    """Make ``out/model``, ``out/data/{train,eval}.jsonl`` (prompt/completion), their preference
+    pairs ``out/data/pref_{train,eval}.jsonl`` and the docstring pairs; idempotent."""
     out = Path(out)
     ensure_packages()
     model_dir = convert_gguf(out / "model")
@@ -176,6 +194,8 @@ def prepare_demo(out: str | Path = "demo", eval_fraction: float = 0.1, seed: int
     write_jsonl(pairs[n_eval:], out / "data" / "train.jsonl")
     write_jsonl(pairs[:n_eval], out / "data" / "eval.jsonl")
     logger.info("demo data: %d train and %d eval pairs in %s", len(pairs) - n_eval, n_eval, out / "data")
+    write_jsonl(preference_pairs(pairs[n_eval:], seed), out / "data" / "pref_train.jsonl")
+    write_jsonl(preference_pairs(pairs[:n_eval], seed), out / "data" / "pref_eval.jsonl")
     docs = docstring_pairs()
     random.Random(seed).shuffle(docs)
     n_docs_eval = int(len(docs) * eval_fraction)
@@ -186,6 +206,8 @@ def prepare_demo(out: str | Path = "demo", eval_fraction: float = 0.1, seed: int
         "model": model_dir,
         "train": out / "data" / "train.jsonl",
         "eval": out / "data" / "eval.jsonl",
+        "pref_train": out / "data" / "pref_train.jsonl",
+        "pref_eval": out / "data" / "pref_eval.jsonl",
         "pydoc_train": out / "data" / "pydoc_train.jsonl",
         "pydoc_eval": out / "data" / "pydoc_eval.jsonl",
     }

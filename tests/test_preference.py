@@ -70,6 +70,14 @@ def step0_trainer(model_dir, tmp_path, init: str, template: str = "auto"):
     return model, build_preference_trainer(model, tok, ds, ds, cfg), rows
 
 
+def base_digests(model) -> dict[str, str]:
+    """sha256 of every 4-bit layer's packed data and whole quant_state."""
+    from qolora import quant
+    from qolora.distributed import layer_digests
+
+    return layer_digests(model, modules=[(n, m) for n, m in model.named_modules() if quant.is_4bit(m)])
+
+
 PROBE = torch.tensor([[1, 7, 8, 9, 10, 11]])
 INITS = ["lora", "olora", "pissa", "loftq", "olora-iters2"]
 
@@ -138,6 +146,7 @@ def test_every_method_trains_and_records_its_rewards_and_reloads_exactly(
             model.eval()
             with torch.no_grad():
                 seen["logits"] = model(input_ids=PROBE).logits.clone()  # the trained model, as it ends
+            seen["base"] = base_digests(model)
 
     add_trainer_callback(monkeypatch, Capture())
     final = train(pref_config(chat_model_dir, tmp_path, method, max_steps=4))
@@ -158,6 +167,9 @@ def test_every_method_trains_and_records_its_rewards_and_reloads_exactly(
     with torch.no_grad():
         got = reloaded(input_ids=PROBE).logits
     assert torch.equal(got, seen["logits"])
+    # the base never moved (invariant 9): the trained model's 4-bit layers are the ones a reload
+    # rebuilds from the initial factors, bit for bit (TRL's reference adapter re-quantized nothing)
+    assert seen["base"] == base_digests(reloaded) and len(seen["base"]) == 14
 
 
 KILLER = TRAIN_KILLER.replace("build_trainer", "build_preference_trainer")  # kill -9 after checkpoint-4

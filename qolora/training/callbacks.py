@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,15 @@ class MetricsCallback(TrainerCallback):
         self.extra = extra or {}
         self.t0 = time.perf_counter()
         self.tokens0 = 0
+        self.step_s: list[float] = []  # each optimizer step's wall time, evals and saves left out
+        self._step_t: float | None = None
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._step_t = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self._step_t is not None:
+            self.step_s.append(time.perf_counter() - self._step_t)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.t0 = time.perf_counter()
@@ -97,6 +107,7 @@ class MetricsCallback(TrainerCallback):
                 "wall_time_s": round(wall, 2),
                 "tokens_seen": tokens,
                 "tokens_per_s": round((tokens - self.tokens0) / wall, 1) if wall > 0 else None,
+                "step_s_median": round(statistics.median(self.step_s), 3) if self.step_s else None,
                 "peak_memory_bytes": peak_memory_bytes(),
                 **self.extra,
             }
