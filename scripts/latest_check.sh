@@ -2,7 +2,8 @@
 # The newest releases, reported without blocking: a second venv, .venv-latest, gets QOLoRA with
 # whatever pip picks today (no constraints.txt: transformers, peft, accelerate, datasets, trl,
 # bitsandbytes at their newest allowed by pyproject.toml), and a fast subset of the suite runs on it
-# (the architecture matrix, training, the loss check, faults). It prints what passed and what failed,
+# (the architecture matrix, the loss check, and preference tuning on TRL's trainers, the code
+# that moves most between releases). It prints what passed and what failed,
 # and the versions, and always exits 0: a new release that breaks something is news, not a red CI.
 # The lock of what CI passed with is constraints.txt (scripts/setup.sh installs it).
 set -uo pipefail
@@ -22,7 +23,7 @@ versions=$("$dir/bin/python" -c "
 import importlib.metadata as m
 print(', '.join(f'{p} {m.version(p)}' for p in ('transformers', 'peft', 'accelerate', 'datasets', 'trl', 'bitsandbytes')))")
 "$dir/bin/python" -m pytest -q -p no:cacheprovider -o addopts="-m 'not slow and not gpu'" \
-  tests/test_models.py tests/test_loss_check.py tests/test_train.py tests/test_faults.py 2>&1 | tail -n 15 \
+  tests/test_models.py tests/test_loss_check.py tests/test_preference.py 2>&1 | tail -n 15 \
   | sed 's/^/newest releases: /'
 echo "newest releases ($versions): reported above, not blocking"
 exit 0

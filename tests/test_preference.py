@@ -170,6 +170,15 @@ def test_every_method_trains_and_records_its_rewards_and_reloads_exactly(
     # the base never moved (invariant 9): the trained model's 4-bit layers are the ones a reload
     # rebuilds from the initial factors, bit for bit (TRL's reference adapter re-quantized nothing)
     assert seen["base"] == base_digests(reloaded) and len(seen["base"]) == 14
+    if method == "dpo":  # the merged export of a preference-tuned adapter is the trained model
+        from transformers import AutoModelForCausalLM
+
+        from qolora.export import export_merged
+
+        export_merged(final, tmp_path / "merged", dtype="float32", progress=False)
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+        with torch.no_grad():
+            assert (plain(input_ids=PROBE).logits - seen["logits"]).abs().max() < 1e-3
 
 
 KILLER = TRAIN_KILLER.replace("build_trainer", "build_preference_trainer")  # kill -9 after checkpoint-4
@@ -262,3 +271,26 @@ def test_rows_that_do_not_suit_the_method_are_one_line(chat_model_dir, tmp_path)
     cfg.train.method = "sft"
     with pytest.raises(DataError, match=r"kto rows carry desirable / undesirable labels"):
         train(cfg)
+
+
+def test_a_missing_or_old_trl_is_one_line_before_any_model_loads(monkeypatch) -> None:
+    import importlib.metadata
+
+    from qolora.config import ConfigError
+    from qolora.training.preference import check_trl
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    check_trl("sft")  # SFT needs no TRL
+    check_trl("dpo", "robust")
+    with pytest.raises(
+        ConfigError, match=r"pref.loss_type: 'sigmod' is not one of TRL .*'s DPO losses: sigmoid, hinge"
+    ):
+        check_trl("dpo", "sigmod")
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    with pytest.raises(ConfigError, match=r"train.method=dpo runs TRL's trainer: pip install 'qolora\[trl\]'"):
+        check_trl("dpo")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.0.0")
+    with pytest.raises(ConfigError, match=r"needs trl>=1.16, found 1.0.0"):
+        check_trl("kto")

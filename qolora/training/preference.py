@@ -35,6 +35,36 @@ WITH_REFERENCE = ("dpo", "ipo", "kto")  # methods whose loss compares with a ref
 DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "kto": 0.1, "simpo": 2.0}  # SimPO's paper uses 2.0-2.5
 
 
+TRL_FLOOR = "1.16"  # the TRL the reference handling was built and tested on (pyproject's trl extra)
+
+
+def check_trl(method: str, loss_type: str | None = None) -> None:
+    """One line before any model loads when ``method`` needs TRL and it is missing or too old, or
+    when ``loss_type`` is not one of the DPO losses this TRL lists (TRL itself says so only at the
+    first loss, after the model has loaded)."""
+    if method == "sft":
+        return
+    import importlib.metadata
+    import re
+
+    from packaging.version import Version
+
+    try:
+        got = importlib.metadata.version("trl")
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError(f"train.method={method} runs TRL's trainer: pip install 'qolora[trl]'") from None
+    if Version(got) < Version(TRL_FLOOR):
+        raise ConfigError(f"train.method={method}: needs trl>={TRL_FLOOR}, found {got}; pip install 'qolora[trl]'")
+    if loss_type is not None:
+        from trl import DPOConfig
+
+        listed = re.findall(r"`'(\w+)'`", DPOConfig.__dataclass_fields__["loss_type"].metadata.get("help", ""))
+        if listed and loss_type not in listed:
+            raise ConfigError(
+                f"pref.loss_type: {loss_type!r} is not one of TRL {got}'s DPO losses: {', '.join(listed)}"
+            )
+
+
 def formats_for(method: str) -> tuple[str, ...]:
     """The row formats a method trains on: pairs, and for KTO its own unpaired rows too (a pair
     gives KTO one desirable and one undesirable example)."""

@@ -36,6 +36,7 @@ from .harness import check_report_to
 from .preference import (
     build_preference_trainer,
     check_method_format,
+    check_trl,
     drop_reference_,
     training_record,
     trl_dataset,
@@ -306,6 +307,7 @@ def _train(cfg: Config, resume: bool, mode: str, out: Path, stop: SignalStop | N
         run_dir.check_resume(cfg, out)
         run_dir.check_world_size(out, w.size)
     check_report_to(cfg.train.report_to)
+    check_trl(cfg.train.method, cfg.pref.loss_type)
     resolve_model(cfg.model)
     check_ranks(meta_model(cfg.model), lora_config(cfg))  # before any weight is loaded or factor allocated
     tokenizer = load_tokenizer(cfg.model)
