@@ -86,7 +86,8 @@ def main() -> None:
         ok = {k: v for k, v in results.items() if k.startswith(init + "-") and "failed" not in v}
         if not ok:
             continue
-        best = max(ok, key=lambda k: ok[k]["eval"][-1]["eval_rewards/margins"])
+        end = {k: v["eval"][-1] for k, v in ok.items()}  # best: held-out accuracy, then margin
+        best = max(ok, key=lambda k: (end[k]["eval_rewards/accuracies"], end[k]["eval_rewards/margins"]))
         m = ok[best]
         e0, e1 = m["eval"][0], m["eval"][-1]
         print(
