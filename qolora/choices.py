@@ -23,4 +23,4 @@ DATA_FORMATS = (  # detection order (training/formats.py)
     "text",
 )
 PREFERENCE_METHODS = ("dpo", "ipo", "orpo", "kto", "simpo")  # TRL's trainers (training/preference.py)
-METHODS = ("sft", *PREFERENCE_METHODS)  # train.method
+METHODS = ("sft", *PREFERENCE_METHODS, "grpo")  # train.method; grpo: online RL (training/preference.py)

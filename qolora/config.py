@@ -143,8 +143,16 @@ class TrainConfig:
     output_dir: str = _f("runs/qolora", "run folder: checkpoints, adapter/, metrics.json, loss.png, config.yaml")
     method: Literal[METHODS] = _f(
         "sft",
-        "sft (supervised), or preference tuning on TRL's trainers: dpo, ipo, orpo, kto, simpo (settings under "
-        "pref; docs/preference.md)",
+        "sft (supervised), preference tuning on TRL's trainers: dpo, ipo, orpo, kto, simpo (settings under "
+        "pref; docs/preference.md), or online RL: grpo (settings under grpo, rewards in train.rewards)",
+    )
+    rewards: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "grpo: reward functions, module:function (importable from the config's folder or the Python "
+            "path, TRL's signature f(prompts, completions, **columns)) or built-ins exact_match, format:<regex>, "
+            "length:<words>"
+        },
     )
     max_steps: int = _f(-1, "optimizer steps; -1 trains for train.epochs")
     epochs: float = _f(1.0, "passes over the data when max_steps is -1")
@@ -246,6 +254,30 @@ class PrefConfig:
 
 
 @dataclass
+class GRPOSettings:
+    """GRPO's settings, named as TRL names them (train.method: grpo)."""
+
+    num_generations: int = _f(4, "completions sampled per prompt (the group its rewards are normalized over)")
+    max_completion_length: int = _f(32, "tokens per sampled completion")
+    temperature: float = _f(1.0, "sampling temperature of the completions")
+    beta: float = _f(0.0, "KL weight against the reference (the initial model, exactly); 0: no reference")
+    loss_type: str = _f("dapo", "TRL's GRPO loss_type (grpo, dapo, dr_grpo, bnpo, ...)")
+    scale_rewards: str = _f("group", "divide advantages by the reward std over the group, the batch, or none")
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise ConfigError(f"grpo.num_generations: must be >= 2 (a group), got {self.num_generations}")
+        if self.max_completion_length < 1:
+            raise ConfigError(f"grpo.max_completion_length: must be >= 1, got {self.max_completion_length}")
+        if not self.temperature > 0:
+            raise ConfigError(f"grpo.temperature: must be > 0, got {self.temperature}")
+        if self.beta < 0:
+            raise ConfigError(f"grpo.beta: must be >= 0, got {self.beta}")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ConfigError(f"grpo.scale_rewards: expected group, batch or none, got {self.scale_rewards!r}")
+
+
+@dataclass
 class Config:
     model: str = _f("", "a local HF model folder, or a hub id in the local cache (required)")
     quant: QuantConfig = field(default_factory=QuantConfig, metadata={"help": "how the base is quantized"})
@@ -253,8 +285,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "training and held-out data"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the training run"})
     pref: PrefConfig = field(
-        default_factory=PrefConfig, metadata={"help": "preference tuning (train.method other than sft)"}
+        default_factory=PrefConfig, metadata={"help": "preference tuning (train.method dpo, ipo, orpo, kto, simpo)"}
     )
+    grpo: GRPOSettings = field(default_factory=GRPOSettings, metadata={"help": "online RL (train.method: grpo)"})
     version: int = _f(CONFIG_VERSION, "config format version")
 
     def __post_init__(self) -> None:
@@ -272,6 +305,17 @@ class Config:
             raise ConfigError(
                 f"train.distributed: fsdp runs sft only for now; train.method={self.train.method} runs on one "
                 "process or under ddp"
+            )
+        t = self.train
+        if t.method == "grpo" and not t.rewards:
+            raise ConfigError(
+                "train.rewards: grpo needs at least one reward (module:function, or exact_match, "
+                "format:<regex>, length:<words>)"
+            )
+        if t.method == "grpo" and (t.batch_size * t.grad_accum) % self.grpo.num_generations:
+            raise ConfigError(
+                f"train.batch_size: grpo samples grpo.num_generations={self.grpo.num_generations} completions per "
+                f"prompt, and batch_size x grad_accum = {t.batch_size * t.grad_accum} completions is not a multiple"
             )
         if self.pref.loss_type is not None and self.train.method != "dpo":
             raise ConfigError(
@@ -409,6 +453,7 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
         raise ConfigError(f"{p}: expected a mapping at the top level")
     cfg = config_from_dict(data, overrides)
     base = p.resolve().parent
+    cfg.source_dir = str(base)  # not a field: where train.rewards modules are also looked for
     for obj, name in ((cfg, "model"), (cfg.data, "train"), (cfg.data, "eval")):
         value = getattr(obj, name)
         if value and not Path(value).is_absolute() and (base / value).exists() and not Path(value).exists():
@@ -462,7 +507,8 @@ def field_help(cls: type | None = None, prefix: str = "") -> list[tuple[str, Any
         if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
             rows += field_help(f.default_factory, key + ".")
         else:
-            rows.append((key, f.default, f.metadata.get("help", "")))
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            rows.append((key, default, f.metadata.get("help", "")))
     return rows
 
 

@@ -294,3 +294,52 @@ def test_a_missing_or_old_trl_is_one_line_before_any_model_loads(monkeypatch) ->
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.0.0")
     with pytest.raises(ConfigError, match=r"needs trl>=1.16, found 1.0.0"):
         check_trl("kto")
+
+
+def test_grpo_trains_on_the_exact_reference_and_keeps_the_base(chat_model_dir, tmp_path, monkeypatch) -> None:
+    """GRPO (TRL's GRPOTrainer, beta > 0): completions are sampled from the 4-bit base plus the live
+    adapter; the KL to the reference is exactly 0 at step 1 (the reference is the initial model);
+    the base's 4-bit layers end bit-identical to a reload's; the reward is recorded per function."""
+    seen = {}
+
+    class Capture(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kw):
+            seen["base"] = base_digests(model)
+
+    add_trainer_callback(monkeypatch, Capture())
+    cfg = pref_config(chat_model_dir, tmp_path, "dpo", max_steps=3, batch_size=4, eval_steps=100)
+    cfg.train.method, cfg.train.rewards = "grpo", ["length:3", "exact_match"]
+    cfg.grpo.max_completion_length, cfg.grpo.beta = 8, 0.04
+    final = train(cfg)
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    h = m["history"]
+    assert [x["step"] for x in h] == [1, 2, 3] and h[0]["kl"] == 0.0
+    assert all("rewards/length_3/mean" in x and "rewards/exact_match/mean" in x and "reward" in x for x in h)
+    assert m["training"]["method"] == "grpo" and m["divergence_guard"]["finite_only"]
+    assert seen["base"] == base_digests(load_adapter(final))
+    assert json.loads((final / "qolora.json").read_text())["training"]["num_generations"] == 4
+
+
+def test_a_bad_reward_is_one_line_before_any_model_loads(tmp_path, monkeypatch) -> None:
+    from qolora.config import ConfigError
+    from qolora.training.rewards import resolve_all
+
+    (tmp_path / "myrewards.py").write_text(
+        "def good(prompts, completions, **kw):\n    return [1.0] * len(completions)\n"
+        "def short(prompts, completions, **kw):\n    return [1.0]\n"
+        "def narrow(completions):\n    return [1.0] * len(completions)\n"
+    )
+    rows = [{"prompt": "hi", "answer": "yes"}, {"prompt": "what is python", "answer": "code"}]
+    assert len(resolve_all(["myrewards:good", "exact_match", "format:^a", "length:5"], tmp_path, rows)) == 4
+    for spec, msg in [
+        ("nosuch:f", "cannot import nosuch"),
+        ("myrewards:missing", "myrewards has no function missing"),
+        ("myrewards:short", "returned 1 values for 2 completions"),
+        ("myrewards:narrow", r"TRL calls it as f\(prompts, completions, \*\*columns\)"),
+        ("length:0", "expected length:<words>"),
+        ("format:(", "not a regular expression"),
+    ]:
+        with pytest.raises(ConfigError, match=msg):
+            resolve_all([spec], tmp_path, rows)
+    with pytest.raises(ConfigError, match="train.rewards: grpo needs at least one reward"):
+        pref_config(tmp_path, tmp_path, "grpo").__post_init__()

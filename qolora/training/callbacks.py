@@ -26,7 +26,7 @@ def peak_memory_bytes() -> dict[str, int]:
     return out
 
 
-KEPT = ("rewards/", "kl")  # TRL's preference metrics kept beside the loss, under TRL's names
+KEPT = ("rewards/", "kl", "reward", "completions/mean_length")  # TRL's metrics kept beside the loss, as TRL names them
 
 
 def _kept(e: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -35,7 +35,8 @@ def _kept(e: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 def metrics_from_history(log_history: list[dict[str, Any]]) -> dict[str, Any]:
     """The train loss and eval loss per logged step, with a preference method's rewards (chosen,
-    rejected, margins, accuracies) and KL as TRL logs them."""
+    rejected, margins, accuracies), GRPO's reward mean and std (overall and per function) and
+    completion length, and KL, as TRL logs them."""
     history = [
         {"step": e["step"], "loss": e["loss"], **_kept(e, "")} for e in log_history if "loss" in e and "step" in e
     ]
@@ -62,14 +63,19 @@ def plot_loss(metrics: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left")
-    margin = "rewards/margins"
-    if any(margin in x for x in h) or any(f"eval_{margin}" in x for x in e):  # a preference method's margin
+    # a preference method's reward margin, or GRPO's reward mean, on a second axis
+    second = next(
+        (k for k in ("rewards/margins", "reward") if any(k in x for x in h) or any(f"eval_{k}" in x for x in e)), None
+    )
+    if second:
+        label = "reward margin (chosen - rejected)" if second == "rewards/margins" else "reward (mean)"
         ax2 = ax.twinx()
-        pts = [(x["step"], x[margin]) for x in h if margin in x]
-        ax2.plot([s for s, _ in pts], [m for _, m in pts], color="tab:green", alpha=0.6, label="train reward margin")
-        pts = [(x["step"], x[f"eval_{margin}"]) for x in e if f"eval_{margin}" in x]
-        ax2.plot([s for s, _ in pts], [m for _, m in pts], "s-", color="tab:red", label="eval reward margin")
-        ax2.set_ylabel("reward margin (chosen - rejected)")
+        pts = [(x["step"], x[second]) for x in h if second in x]
+        ax2.plot([s for s, _ in pts], [m for _, m in pts], color="tab:green", alpha=0.6, label=f"train {label}")
+        pts = [(x["step"], x[f"eval_{second}"]) for x in e if f"eval_{second}" in x]
+        if pts:
+            ax2.plot([s for s, _ in pts], [m for _, m in pts], "s-", color="tab:red", label=f"eval {label}")
+        ax2.set_ylabel(label)
         ax2.legend(loc="upper right")
     save_figure_atomic(fig, path)
 

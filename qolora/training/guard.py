@@ -50,6 +50,9 @@ class DivergenceGuard:
     when the smoothed loss stays above 3 ln 2: the policy then prefers the rejected answers by a
     log-ratio margin of ln 7 / beta (sigmoid(-ln 7) = 1/8).
 
+    With ``finite_only`` (GRPO) only a non-finite loss or gradient norm stops the run: GRPO's loss
+    is a policy-gradient surrogate near 0, of either sign, whose level says nothing of a blow-up.
+
     Note:
         While a step's loss or the smoothed loss is above the bound the run is "suspect": no
         checkpoint is written (it is written at the first step that is not), and the checkpoint
@@ -61,6 +64,7 @@ class DivergenceGuard:
     patience: int = 10
     uniform_loss: float | None = None
     from_start: bool = False
+    finite_only: bool = False
     beta: float = 0.9
     slow_beta: float = 0.98
     min_steps: int = 10
@@ -81,6 +85,8 @@ class DivergenceGuard:
 
     def bound(self) -> float:
         """What the smoothed loss may reach now (inf before anything bounds it)."""
+        if self.finite_only:
+            return math.inf
         if self.from_start:
             return self.factor * self.first if self.first is not None else math.inf
         b = self.factor * self.lowest
@@ -151,7 +157,7 @@ class DivergenceGuard:
                 f"{self._why(bound)} for its last {max(self.over, 1)} steps (loss {self.last_loss:.4g}, smoothed "
                 f"{self.ema:.4g}), fewer than the {self.patience} a longer run waits"
             )
-        if len(evals) < 2:
+        if len(evals) < 2 or self.finite_only:
             return
         first, last = evals[0], evals[-1]
         limit, why = self.factor * first, f"{self.factor:g} x the first eval loss {first:.4g}"
@@ -176,6 +182,7 @@ class DivergenceGuard:
             "patience": self.patience,
             "uniform_loss": self.uniform_loss,
             "from_start": self.from_start,
+            "finite_only": self.finite_only,
             "beta": self.beta,
             "slow_beta": self.slow_beta,
             "min_steps": self.min_steps,

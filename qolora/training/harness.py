@@ -286,13 +286,18 @@ def common_args(
     return args, extra_metrics
 
 
-def make_guard(t: TrainConfig, uniform_loss: float | None = None, from_start: bool = False) -> DivergenceGuard | None:
+def make_guard(
+    t: TrainConfig, uniform_loss: float | None = None, from_start: bool = False, finite_only: bool = False
+) -> DivergenceGuard | None:
     """The divergence guard for a run (None when ``train.divergence_check`` is off).
 
     ``uniform_loss``: ln(vocab), for a next-token loss (SFT). ``from_start``: the bound never drops
     below ``factor`` x the first step's loss, for a loss that starts at a known level and may fall
     towards 0 (a preference loss starts at ln 2 for DPO; its lowest level says nothing of a blow-up).
+    ``finite_only``: only a non-finite loss or gradient norm (GRPO's surrogate loss sits near 0).
     """
     if not t.divergence_check:
         return None
-    return DivergenceGuard(t.divergence_factor, t.divergence_patience, uniform_loss, from_start=from_start)
+    return DivergenceGuard(
+        t.divergence_factor, t.divergence_patience, uniform_loss, from_start=from_start, finite_only=finite_only
+    )

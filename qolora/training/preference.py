@@ -25,13 +25,13 @@ from ..choices import PREFERENCE_METHODS
 from ..config import Config, ConfigError
 from .callbacks import MetricsCallback
 from .data import DataError, Rows, batch_rows
-from .formats import PAIRED, plain_chat_segments
+from .formats import FORMATS, PAIRED, plain_chat_segments
 from .harness import RunHarness, common_args, make_guard
 
 logger = logging.getLogger(__name__)
 
 REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of the initial adapter
-WITH_REFERENCE = ("dpo", "ipo", "kto")  # methods whose loss compares with a reference model
+WITH_REFERENCE = ("dpo", "ipo", "kto")  # methods whose loss compares with a reference model (grpo: beta > 0)
 DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "kto": 0.1, "simpo": 2.0}  # SimPO's paper uses 2.0-2.5
 
 
@@ -68,6 +68,8 @@ def check_trl(method: str, loss_type: str | None = None) -> None:
 def formats_for(method: str) -> tuple[str, ...]:
     """The row formats a method trains on: pairs, and for KTO its own unpaired rows too (a pair
     gives KTO one desirable and one undesirable example)."""
+    if method == "grpo":  # prompts: any row with a prompt (its reference answer is the row's reply)
+        return tuple(f for f in FORMATS if f != "text")
     return (*PAIRED, "kto") if method == "kto" else PAIRED
 
 
@@ -98,6 +100,14 @@ def _render(prompt: list[dict[str, str]], reply: str, chat: bool) -> tuple[Any, 
 
 def _trl_batch(batch: dict[str, list[Any]], fmt: str, method: str, chat: bool) -> dict[str, list[Any]]:
     rows = batch_rows(batch)
+    if method == "grpo":  # the prompt, and the row's own reply as ``answer`` (for exact_match)
+        out: dict[str, list[Any]] = {"prompt": [], "answer": []}
+        for r in rows:
+            turns = FORMATS[fmt].to_messages(r)
+            last = max(i for i, m in enumerate(turns) if m["role"] == "assistant")
+            out["prompt"].append(_render(turns[:last], turns[last]["content"], chat)[0])
+            out["answer"].append(turns[last]["content"])
+        return out
     if method == "kto":
         out: dict[str, list[Any]] = {"prompt": [], "completion": [], "label": []}
         for r in rows:
@@ -153,7 +163,7 @@ def exact_start_(model: nn.Module, start: dict[str, torch.Tensor]) -> None:
 def _method_args(cfg: Config) -> tuple[Any, type, dict[str, Any]]:
     """TRL's trainer class, its config class, and the method's settings under TRL's names."""
     m, p = cfg.train.method, cfg.pref
-    beta = p.beta if p.beta is not None else DEFAULT_BETA[m]
+    beta = p.beta if p.beta is not None else DEFAULT_BETA.get(m)
     if m in ("dpo", "ipo"):
         from trl import DPOConfig, DPOTrainer
 
@@ -185,6 +195,11 @@ def _method_args(cfg: Config) -> tuple[Any, type, dict[str, Any]]:
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
         return ORPOTrainer, ORPOConfig, dict(beta=beta)
+    if m == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        g = cfg.grpo
+        return GRPOTrainer, GRPOConfig, {f: getattr(g, f) for f in g.__dataclass_fields__}
     if m == "simpo":
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
@@ -218,11 +233,13 @@ def build_preference_trainer(
     cfg: Config,
     extra_metrics: dict[str, Any] | None = None,
     eval_on_start: bool = True,
+    rewards: list[Any] | None = None,
 ) -> Any:
     """TRL's trainer for ``cfg.train.method`` on a QOLoRA PeftModel, on the run harness, starting
     exactly at the initial model (``exact_start_``); call ``.train()`` on it.
 
-    ``train_rows`` / ``eval_rows``: ``trl_dataset`` outputs.
+    ``train_rows`` / ``eval_rows``: ``trl_dataset`` outputs. ``rewards``: grpo's reward functions
+    (``rewards.resolve_all``).
     """
     t = cfg.train
     trainer_cls, config_cls, settings = _method_args(cfg)
@@ -231,12 +248,16 @@ def build_preference_trainer(
     if "gradient_checkpointing" in fields:  # TRL's own field (default on) beside transformers' new name
         common["gradient_checkpointing"] = t.gradient_checkpointing
         common["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
-    args = config_cls(**common, **settings, max_length=cfg.data.max_length)
-    guard = make_guard(t, from_start=True)
+    if "max_length" in fields:
+        common["max_length"] = cfg.data.max_length
+    args = config_cls(**common, **settings)
+    guard = make_guard(t, from_start=True, finite_only=t.method == "grpo")
     extra_metrics["divergence_guard"] = guard.settings() if guard else None
     extra_metrics["training"] = training_record(cfg)
     start = _trainable(model)
+    more = {"reward_funcs": rewards} if t.method == "grpo" else {}
     trainer = harnessed(trainer_cls)(
+        **more,
         guard=guard,
         keep_checkpoints=t.save_total_limit,
         model=model,
@@ -247,7 +268,7 @@ def build_preference_trainer(
         callbacks=[MetricsCallback(t.output_dir, extra_metrics)],
     )
     exact_start_(model, start)
-    if t.method in WITH_REFERENCE:
+    if t.method in WITH_REFERENCE or t.method == "grpo" and cfg.grpo.beta > 0:
         if REFERENCE_ADAPTER not in getattr(model, "peft_config", {}):
             raise RuntimeError(f"{trainer_cls.__name__} built no reference adapter: its reference would not be exact")
         extra_metrics["reference"] = "the initial adapter, frozen (one 4-bit base, two adapters)"

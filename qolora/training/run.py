@@ -41,6 +41,7 @@ from .preference import (
     training_record,
     trl_dataset,
 )
+from .rewards import resolve_all as resolve_rewards
 from .tokenize import Encoder, head, pack_examples, split_rows
 from .trainer import build_trainer, prepare_for_training_
 
@@ -78,7 +79,7 @@ def prepare_data(cfg: Config, tokenizer: Any) -> tuple[Any, Any, dict[str, Any]]
             "eval": {"rows": len(eval_rows.rows), "examples": len(eval_ds)},
             "skipped_rows": len(rows.skipped),
         }
-        return train_ds, (eval_ds if len(eval_ds) else None), stats
+        return train_ds, (eval_ds if len(eval_ds) and method != "grpo" else None), stats
     enc_train = Encoder(tokenizer, d.max_length, d.template, d.completion_only)
     enc_eval = Encoder(tokenizer, d.max_length, d.template, d.completion_only)
     train_ex, eval_ex = enc_train.encode_rows(rows), enc_eval.encode_rows(eval_rows)
@@ -313,6 +314,11 @@ def _train(cfg: Config, resume: bool, mode: str, out: Path, stop: SignalStop | N
     tokenizer = load_tokenizer(cfg.model)
     with distributed.main_process_first(w):  # one process validates and tokenizes; the others read its cache
         train_ex, eval_ex, data_stats = prepare_data(cfg, tokenizer)
+    rewards = (  # grpo: every reward imported and called on two real rows, before any model loads
+        resolve_rewards(cfg.train.rewards, getattr(cfg, "source_dir", None), [train_ex[0], train_ex[1]])
+        if cfg.train.method == "grpo"
+        else None
+    )
     distributed.barrier(w)  # every rank has checked the run dir before rank 0 writes into it
     if w.is_main:
         dump_config(cfg, out / RUN_CONFIG_FILE)
@@ -353,8 +359,12 @@ def _train(cfg: Config, resume: bool, mode: str, out: Path, stop: SignalStop | N
         t.grad_accum,
         w.size,
     )
-    build = build_trainer if t.method == "sft" else build_preference_trainer
-    trainer = build(model, tokenizer, train_ex, eval_ex, cfg, extra, eval_on_start=not resume)
+    if t.method == "sft":
+        trainer = build_trainer(model, tokenizer, train_ex, eval_ex, cfg, extra, eval_on_start=not resume)
+    else:
+        trainer = build_preference_trainer(
+            model, tokenizer, train_ex, eval_ex, cfg, extra, eval_on_start=not resume, rewards=rewards
+        )
     run_trainer(trainer, ckpt, out, stop, w)
     drop_reference_(model)
     model.qolora_states["default"].meta.training = training_record(cfg)
