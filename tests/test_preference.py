@@ -328,6 +328,7 @@ def test_a_bad_reward_is_one_line_before_any_model_loads(tmp_path, monkeypatch) 
         "def good(prompts, completions, **kw):\n    return [1.0] * len(completions)\n"
         "def short(prompts, completions, **kw):\n    return [1.0]\n"
         "def narrow(completions):\n    return [1.0] * len(completions)\n"
+        "def columns_only(prompts, completions, answer):\n    return [1.0] * len(completions)\n"
     )
     rows = [{"prompt": "hi", "answer": "yes"}, {"prompt": "what is python", "answer": "code"}]
     assert len(resolve_all(["myrewards:good", "exact_match", "format:^a", "length:5"], tmp_path, rows)) == 4
@@ -336,6 +337,7 @@ def test_a_bad_reward_is_one_line_before_any_model_loads(tmp_path, monkeypatch) 
         ("myrewards:missing", "myrewards has no function missing"),
         ("myrewards:short", "returned 1 values for 2 completions"),
         ("myrewards:narrow", r"TRL calls it as f\(prompts, completions, \*\*columns\)"),
+        ("myrewards:columns_only", r"TRL calls it as .*completion_ids"),  # TRL also passes completion_ids, ...
         ("length:0", "expected length:<words>"),
         ("format:(", "not a regular expression"),
     ]:

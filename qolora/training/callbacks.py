@@ -26,7 +26,7 @@ def peak_memory_bytes() -> dict[str, int]:
     return out
 
 
-KEPT = ("rewards/", "kl", "reward", "completions/mean_length")  # TRL's metrics kept beside the loss, as TRL names them
+KEPT = ("reward", "kl", "completions/mean_length")  # TRL's metrics kept beside the loss (prefixes), as TRL names them
 
 
 def _kept(e: dict[str, Any], prefix: str) -> dict[str, Any]:

@@ -249,7 +249,7 @@ def common_args(
     t = cfg.train
     lr, why = resolve_lr(t.lr, cfg.adapter.init, cfg.adapter.r, cfg.adapter.alpha, t.method)
     logger.info("learning rate %g (%s)", lr, why)
-    extra_metrics = {**(extra_metrics or {}), "lr": {"value": lr, "why": why}, "method": t.method}
+    extra_metrics = {**(extra_metrics or {}), "lr": {"value": lr, "why": why}}
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad), torch.float32)
     args = dict(
         output_dir=t.output_dir,

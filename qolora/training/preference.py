@@ -253,7 +253,6 @@ def build_preference_trainer(
     args = config_cls(**common, **settings)
     guard = make_guard(t, from_start=True, finite_only=t.method == "grpo")
     extra_metrics["divergence_guard"] = guard.settings() if guard else None
-    extra_metrics["training"] = training_record(cfg)
     start = _trainable(model)
     more = {"reward_funcs": rewards} if t.method == "grpo" else {}
     trainer = harnessed(trainer_cls)(

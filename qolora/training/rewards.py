@@ -92,23 +92,39 @@ def resolve(spec: str, config_dir: str | Path | None = None) -> Reward:
     return fn
 
 
+def trl_extras(n: int) -> dict[str, Any]:
+    """Stand-ins for the keyword arguments GRPOTrainer adds to every reward call besides the
+    columns: a function without ``**kwargs`` must still accept them."""
+    return {
+        "completion_ids": [[0]] * n,
+        "trainer_state": None,
+        "log_extra": lambda *a, **k: None,
+        "log_metric": lambda *a, **k: None,
+    }
+
+
 def check(fn: Reward, spec: str, rows: list[dict[str, Any]]) -> None:
     """Call ``fn`` as TRL will, on two real rows with stand-in completions: a wrong signature, an
     exception or a wrong number of values is one ConfigError line, before any model loads."""
     where = f"train.rewards: {spec!r}"
+    n = len(rows)
+    kwargs = {  # what TRL 1.16's GRPOTrainer passes: the rows' columns but the prompt, and its own four
+        "prompts": [r["prompt"] for r in rows],
+        "completions": ["a stand-in completion"] * n,
+        **{k: [r[k] for r in rows] for k in rows[0] if k != "prompt"},
+        **trl_extras(n),
+    }
     try:
-        inspect.signature(fn).bind(prompts=[], completions=[], **{k: [] for k in rows[0]})
+        inspect.signature(fn).bind(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{where}: TRL calls it as f(prompts, completions, **columns): {e}") from None
-    columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
-    completions = ["a stand-in completion"] * len(rows)
     try:
-        got = fn(prompts=[r["prompt"] for r in rows], completions=completions, **columns)
+        got = fn(**kwargs)
     except Exception as e:  # a user's function: any failure is reported as one line
-        raise ConfigError(f"{where}: failed on {len(rows)} rows: {type(e).__name__}: {e}") from None
-    if not isinstance(got, list) or len(got) != len(rows):
-        n = len(got) if isinstance(got, list) else type(got).__name__
-        raise ConfigError(f"{where}: returned {n} values for {len(rows)} completions (a list of one float each)")
+        raise ConfigError(f"{where}: failed on {n} rows: {type(e).__name__}: {e}") from None
+    if not isinstance(got, list) or len(got) != n:
+        k = len(got) if isinstance(got, list) else type(got).__name__
+        raise ConfigError(f"{where}: returned {k} values for {n} completions (a list of one float each)")
     bad = [v for v in got if v is not None and not isinstance(v, (int, float))]
     if bad:
         raise ConfigError(f"{where}: returned {bad[0]!r}, not a float or None")

@@ -349,6 +349,7 @@ def _train(cfg: Config, resume: bool, mode: str, out: Path, stop: SignalStop | N
         "init_digests": digests,
         "init_s": round(init_s, 3),
         "model_bytes": quant.held_bytes(model),  # what this rank holds (a shard under FSDP)
+        "training": training_record(cfg),  # the method and its settings, as qolora.json records them
     }
     if mode == "fsdp":
         extra["fsdp_load"] = distributed.all_gather(sharded.memory, w)  # per rank: parameter bytes held
@@ -367,7 +368,7 @@ def _train(cfg: Config, resume: bool, mode: str, out: Path, stop: SignalStop | N
         )
     run_trainer(trainer, ckpt, out, stop, w)
     drop_reference_(model)
-    model.qolora_states["default"].meta.training = training_record(cfg)
+    model.qolora_states["default"].meta.training = extra["training"]
     final = out / FINAL_ADAPTER
     state = fsdp.full_trainable_state(model) if mode == "fsdp" else None  # gathered from every rank
     if w.is_main:
