@@ -312,11 +312,6 @@ class Config:
                 "train.rewards: grpo needs at least one reward (module:function, or exact_match, "
                 "format:<regex>, length:<words>)"
             )
-        if t.method == "grpo" and (t.batch_size * t.grad_accum) % self.grpo.num_generations:
-            raise ConfigError(
-                f"train.batch_size: grpo samples grpo.num_generations={self.grpo.num_generations} completions per "
-                f"prompt, and batch_size x grad_accum = {t.batch_size * t.grad_accum} completions is not a multiple"
-            )
         if self.pref.loss_type is not None and self.train.method != "dpo":
             raise ConfigError(
                 f"pref.loss_type: sets DPO's loss; train.method is {self.train.method} (ipo, simpo and kto fix "

@@ -182,6 +182,31 @@ def test_dpo_two_ranks_equal_one_rank_at_the_same_global_batch(runs) -> None:
     assert abs(b["eval"][0]["eval_rewards/margins"]) < 1e-6 and b["eval"][0]["step"] == 0
 
 
+def test_grpo_two_ranks_sample_the_one_rank_completions(runs) -> None:
+    """GRPO: completions are a function of (seed, step, global completion index), so 2 ranks of
+    batch 2 sample the completions of 1 rank of batch 2 x grad_accum 2 and score the same rewards,
+    exactly; the loss and KL agree within 1e-5 (fp32 sums in another order)."""
+    root, model = runs["root"], Path(runs["one"].model)
+    cfgs = {}
+    for name, accum in (("grpo-one", 2), ("grpo-two", 1)):
+        cfg = cfgs[name] = _config(model, root / name, grad_accum=accum, method="grpo", rewards=["length:3"])
+        cfg.grpo.max_completion_length, cfg.grpo.beta = 8, 0.04
+    train(cfgs["grpo-one"])
+    dump_config(cfgs["grpo-two"], root / "grpo-two.yaml")
+    proc = torchrun(root / "grpo-two.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = metrics(root / "grpo-one" / "run"), metrics(root / "grpo-two" / "run")
+    assert b["world_size"] == 2 and a["global_batch"] == b["global_batch"] == 4
+    assert [h["step"] for h in b["history"]] == list(range(1, STEPS + 1))
+    for k in ("reward", "reward_std", "completions/mean_length"):
+        assert [x[k] for x in a["history"]] == [y[k] for y in b["history"]], k
+    assert len({x["reward"] for x in a["history"]}) > 1  # the rewards move: the comparison is not vacuous
+    assert [e["step"] for e in a["eval"]] == [e["step"] for e in b["eval"]] == [0, 3, 6]
+    assert [e["eval_reward"] for e in a["eval"]] == [e["eval_reward"] for e in b["eval"]]  # 8 prompts x 4
+    for x, y in zip(a["history"], b["history"], strict=True):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 and abs(x["kl"] - y["kl"]) <= 1e-5, (a["history"], b["history"])
+
+
 def fault_run(
     runs: dict, name: str, fault: str, distributed: str = "ddp", **env: str
 ) -> tuple[subprocess.CompletedProcess, Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from transformers import TrainerCallback
 
 from qolora.adapters import get_qolora_model, load_adapter
 from qolora.config import dump_config
+from qolora.training import run_dir
 from qolora.training.data import DataError, load_rows
 from qolora.training.guard import DivergedError, DivergenceGuard
 from qolora.training.preference import (
@@ -184,15 +186,8 @@ def test_every_method_trains_and_records_its_rewards_and_reloads_exactly(
 KILLER = TRAIN_KILLER.replace("build_trainer", "build_preference_trainer")  # kill -9 after checkpoint-4
 
 
-@pytest.mark.parametrize("method", ["dpo", "kto"])
-def test_resume_after_kill_9_gives_the_uninterrupted_losses(chat_model_dir, tmp_path, method) -> None:
-    ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
-    ref_dir.mkdir()
-    kill_dir.mkdir()
-    train(pref_config(chat_model_dir, ref_dir, method, max_steps=7))
-    want = json.loads((ref_dir / "run" / "metrics.json").read_text())["history"]
-
-    cfg = pref_config(chat_model_dir, kill_dir, method, max_steps=7)
+def killed_after_checkpoint_4(cfg, kill_dir) -> None:
+    """Run ``cfg`` in a subprocess that kill -9s itself right after saving checkpoint-4."""
     dump_config(cfg, kill_dir / "cfg.yaml")
     (kill_dir / "killer.py").write_text(KILLER)
     proc = subprocess.run(
@@ -204,6 +199,18 @@ def test_resume_after_kill_9_gives_the_uninterrupted_losses(chat_model_dir, tmp_
     )
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert (kill_dir / "run" / "checkpoint-4").is_dir() and not (kill_dir / "run" / "adapter").exists()
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_resume_after_kill_9_gives_the_uninterrupted_losses(chat_model_dir, tmp_path, method) -> None:
+    ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
+    ref_dir.mkdir()
+    kill_dir.mkdir()
+    train(pref_config(chat_model_dir, ref_dir, method, max_steps=7))
+    want = json.loads((ref_dir / "run" / "metrics.json").read_text())["history"]
+
+    cfg = pref_config(chat_model_dir, kill_dir, method, max_steps=7)
+    killed_after_checkpoint_4(cfg, kill_dir)
     train(cfg, resume=True)
     got = json.loads((kill_dir / "run" / "metrics.json").read_text())["history"]
     assert [h["step"] for h in got] == list(range(1, 8))
@@ -296,28 +303,87 @@ def test_a_missing_or_old_trl_is_one_line_before_any_model_loads(monkeypatch) ->
         check_trl("kto")
 
 
-def test_grpo_trains_on_the_exact_reference_and_keeps_the_base(chat_model_dir, tmp_path, monkeypatch) -> None:
-    """GRPO (TRL's GRPOTrainer, beta > 0): completions are sampled from the 4-bit base plus the live
-    adapter; the KL to the reference is exactly 0 at step 1 (the reference is the initial model);
-    the base's 4-bit layers end bit-identical to a reload's; the reward is recorded per function."""
-    seen = {}
-
-    class Capture(TrainerCallback):
-        def on_train_end(self, args, state, control, model=None, **kw):
-            seen["base"] = base_digests(model)
-
-    add_trainer_callback(monkeypatch, Capture())
-    cfg = pref_config(chat_model_dir, tmp_path, "dpo", max_steps=3, batch_size=4, eval_steps=100)
+def grpo_config(model_dir, tmp_path, **train_kw):
+    """GRPO on the tiny chat model: 4 completions per prompt, 8 tokens, beta 0.04, two built-in rewards."""
+    cfg = pref_config(model_dir, tmp_path, "dpo", max_steps=7, batch_size=4, eval_steps=7, **train_kw)
     cfg.train.method, cfg.train.rewards = "grpo", ["length:3", "exact_match"]
     cfg.grpo.max_completion_length, cfg.grpo.beta = 8, 0.04
-    final = train(cfg)
-    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def grpo_run(chat_model_dir, tmp_path_factory):
+    """An uninterrupted GRPO run, with its 4-bit base's digests after every optimizer step."""
+    root = tmp_path_factory.mktemp("grpo")
+    digests = []
+
+    class Capture(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            digests.append(base_digests(model))
+
+    with pytest.MonkeyPatch.context() as mp:
+        add_trainer_callback(mp, Capture())
+        final = train(grpo_config(chat_model_dir, root))
+    return {
+        "root": root,
+        "final": final,
+        "digests": digests,
+        "metrics": json.loads((root / "run" / "metrics.json").read_text()),
+    }
+
+
+def test_grpo_trains_on_the_exact_reference_and_keeps_the_base(grpo_run) -> None:
+    """GRPO (TRL's GRPOTrainer, beta > 0): completions are sampled from the 4-bit base plus the live
+    adapter; the KL to the reference is exactly 0 at step 1 (the reference is the initial model);
+    the base's 4-bit layers are bit-identical to a reload's after every step; the reward is
+    recorded per function, with the time spent generating."""
+    m, final = grpo_run["metrics"], grpo_run["final"]
     h = m["history"]
-    assert [x["step"] for x in h] == [1, 2, 3] and h[0]["kl"] == 0.0
+    assert [x["step"] for x in h] == list(range(1, 8)) and h[0]["kl"] == 0.0
     assert all("rewards/length_3/mean" in x and "rewards/exact_match/mean" in x and "reward" in x for x in h)
+    assert all(0 < x["generation_s"] < x["step_time"] for x in h) and 0 < m["generation_share"] < 1
+    e = m["eval"]  # held-out prompts: TRL's eval samples and scores them, at step 0 and at the end
+    assert [x["step"] for x in e] == [0, 7] and e[0]["eval_kl"] == 0.0
+    assert all("eval_reward" in x and "eval_rewards/length_3/mean" in x for x in e)
     assert m["training"]["method"] == "grpo" and m["divergence_guard"]["finite_only"]
-    assert seen["base"] == base_digests(load_adapter(final))
+    reload = base_digests(load_adapter(final))
+    assert len(grpo_run["digests"]) == 7 and all(d == reload for d in grpo_run["digests"])
     assert json.loads((final / "qolora.json").read_text())["training"]["num_generations"] == 4
+
+
+def test_grpo_resume_after_kill_9_reproduces_the_rewards(chat_model_dir, grpo_run) -> None:
+    """A run killed after checkpoint-4 and resumed gives the uninterrupted rewards, losses and KL
+    exactly. Completions are a function of (seed, step, completion index), not of the RNG: resumed
+    from a checkpoint with its RNG state deleted, the rewards are still exact (TRL's sampling on the
+    RNG gives others from step 5); the loss and KL then agree to 1e-6, as TRL shuffles the batch's
+    rows with the RNG and sums them in another order."""
+    kill_dir = grpo_run["root"] / "kill"
+    kill_dir.mkdir()
+    cfg = grpo_config(chat_model_dir, kill_dir)
+    killed_after_checkpoint_4(cfg, kill_dir)
+    no_rng = grpo_run["root"] / "no_rng"
+    shutil.copytree(kill_dir / "run", no_rng / "run")
+    ckpt = no_rng / "run" / "checkpoint-4"
+    rng = list(ckpt.glob("rng_state*.pth"))
+    assert rng
+    for f in rng:
+        f.unlink()
+    run_dir.seal(ckpt)  # still the newest complete checkpoint: the resume starts there
+    want = grpo_run["metrics"]["history"]
+    keys = ("reward", "rewards/length_3/mean", "reward_std", "completions/mean_length", "loss", "kl")
+    for d in (kill_dir, no_rng):
+        cfg.train.output_dir = str(d / "run")
+        train(cfg, resume=True)
+        assert not list((d / "run").glob("checkpoint-4.*"))  # resumed from checkpoint-4
+        got = json.loads((d / "run" / "metrics.json").read_text())["history"]
+        assert [h["step"] for h in got] == list(range(1, 8))
+        ev = json.loads((d / "run" / "metrics.json").read_text())["eval"]
+        assert [x["eval_reward"] for x in ev] == [x["eval_reward"] for x in grpo_run["metrics"]["eval"]]
+        for k in keys:
+            if d == kill_dir or k not in ("loss", "kl"):
+                assert [h[k] for h in got] == [h[k] for h in want], (d.name, k)
+            else:
+                assert max(abs(x[k] - y[k]) for x, y in zip(got, want, strict=True)) < 1e-6, k
 
 
 def test_a_bad_reward_is_one_line_before_any_model_loads(tmp_path, monkeypatch) -> None:
@@ -345,3 +411,14 @@ def test_a_bad_reward_is_one_line_before_any_model_loads(tmp_path, monkeypatch) 
             resolve_all([spec], tmp_path, rows)
     with pytest.raises(ConfigError, match="train.rewards: grpo needs at least one reward"):
         pref_config(tmp_path, tmp_path, "grpo").__post_init__()
+
+
+def test_a_grpo_global_batch_that_splits_a_group_is_one_line(tmp_path) -> None:
+    from qolora.config import ConfigError
+    from qolora.training.preference import check_grpo_batch
+
+    cfg = pref_config(tmp_path, tmp_path, "dpo", batch_size=2)
+    cfg.train.method = "grpo"
+    check_grpo_batch(cfg, 2)  # 2 ranks of 2: one group of 4
+    with pytest.raises(ConfigError, match=r"batch_size x grad_accum x ranks = 2 x 1 x 1 = 2 is not a multiple"):
+        check_grpo_batch(cfg, 1)

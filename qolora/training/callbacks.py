@@ -26,7 +26,8 @@ def peak_memory_bytes() -> dict[str, int]:
     return out
 
 
-KEPT = ("reward", "kl", "completions/mean_length")  # TRL's metrics kept beside the loss (prefixes), as TRL names them
+# TRL's metrics kept beside the loss (prefixes), as TRL names them; generation_s is ours (sampling.py)
+KEPT = ("reward", "kl", "completions/mean_length", "step_time", "generation_s")
 
 
 def _kept(e: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -43,7 +44,15 @@ def metrics_from_history(log_history: list[dict[str, Any]]) -> dict[str, Any]:
     evals = [
         {"step": e["step"], "eval_loss": e["eval_loss"], **_kept(e, "eval_")} for e in log_history if "eval_loss" in e
     ]
-    return {"history": history, "eval": evals}
+    return {"history": history, "eval": evals, **generation_share(history)}
+
+
+def generation_share(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """GRPO: the share of the train steps' time spent sampling completions (``generation_s`` over
+    TRL's ``step_time``, which holds it), over the logged steps that have both."""
+    both = [(x["generation_s"], x["step_time"]) for x in history if "generation_s" in x and "step_time" in x]
+    total = sum(s for _, s in both)
+    return {"generation_share": round(sum(g for g, _ in both) / total, 3)} if total > 0 else {}
 
 
 def plot_loss(metrics: dict[str, Any], path: Path) -> None:

@@ -27,6 +27,7 @@ from .callbacks import MetricsCallback
 from .data import DataError, Rows, batch_rows
 from .formats import FORMATS, PAIRED, plain_chat_segments
 from .harness import RunHarness, common_args, make_guard
+from .sampling import SeededGeneration
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +208,19 @@ def _method_args(cfg: Config) -> tuple[Any, type, dict[str, Any]]:
     raise ConfigError(f"train.method: {m} is not a preference method ({', '.join(PREFERENCE_METHODS)})")
 
 
+def check_grpo_batch(cfg: Config, world_size: int) -> None:
+    """GRPO samples ``num_generations`` completions per prompt into each global batch: refuse a
+    global batch (batch_size x grad_accum x ranks) that is not a multiple, in one line."""
+    t, n = cfg.train, cfg.grpo.num_generations
+    total = t.batch_size * t.grad_accum * world_size
+    if cfg.train.method == "grpo" and total % n:
+        raise ConfigError(
+            f"train.batch_size: grpo samples grpo.num_generations={n} completions per prompt, and the global batch "
+            f"batch_size x grad_accum x ranks = {t.batch_size} x {t.grad_accum} x {world_size} = {total} is not "
+            "a multiple"
+        )
+
+
 def training_record(cfg: Config) -> dict[str, Any]:
     """What ``qolora.json`` records of how an adapter was trained (``training``)."""
     if cfg.train.method == "sft":
@@ -215,14 +229,16 @@ def training_record(cfg: Config) -> dict[str, Any]:
     return {"method": cfg.train.method, "trainer": f"trl.{trainer_cls.__name__}", **settings}
 
 
-_HARNESSED: dict[type, type] = {}
+_HARNESSED: dict[tuple[type, ...], type] = {}
 
 
-def harnessed(trainer_cls: type) -> type:
-    """``trainer_cls`` with the run harness (``RunHarness``) in front of it, made once per class."""
-    if trainer_cls not in _HARNESSED:
-        _HARNESSED[trainer_cls] = type(f"Qolora{trainer_cls.__name__}", (RunHarness, trainer_cls), {})
-    return _HARNESSED[trainer_cls]
+def harnessed(trainer_cls: type, *mixins: type) -> type:
+    """``trainer_cls`` with the run harness (``RunHarness``) and ``mixins`` in front of it, made once
+    per combination."""
+    at = (trainer_cls, *mixins)
+    if at not in _HARNESSED:
+        _HARNESSED[at] = type(f"Qolora{trainer_cls.__name__}", (RunHarness, *mixins, trainer_cls), {})
+    return _HARNESSED[at]
 
 
 def build_preference_trainer(
@@ -250,12 +266,15 @@ def build_preference_trainer(
         common["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     if "max_length" in fields:
         common["max_length"] = cfg.data.max_length
+    if t.method == "grpo":  # an eval batch of whole groups, the same global size at any world size
+        common["per_device_eval_batch_size"] = t.batch_size * t.grad_accum
     args = config_cls(**common, **settings)
     guard = make_guard(t, from_start=True, finite_only=t.method == "grpo")
     extra_metrics["divergence_guard"] = guard.settings() if guard else None
     start = _trainable(model)
     more = {"reward_funcs": rewards} if t.method == "grpo" else {}
-    trainer = harnessed(trainer_cls)(
+    mixins = (SeededGeneration,) if t.method == "grpo" else ()  # completions: a function of seed, step, index
+    trainer = harnessed(trainer_cls, *mixins)(
         **more,
         guard=guard,
         keep_checkpoints=t.save_total_limit,

@@ -35,6 +35,7 @@ from .guard import DivergedError, SignalStop
 from .harness import check_report_to
 from .preference import (
     build_preference_trainer,
+    check_grpo_batch,
     check_method_format,
     check_trl,
     drop_reference_,
@@ -79,7 +80,7 @@ def prepare_data(cfg: Config, tokenizer: Any) -> tuple[Any, Any, dict[str, Any]]
             "eval": {"rows": len(eval_rows.rows), "examples": len(eval_ds)},
             "skipped_rows": len(rows.skipped),
         }
-        return train_ds, (eval_ds if len(eval_ds) and method != "grpo" else None), stats
+        return train_ds, (eval_ds if len(eval_ds) else None), stats
     enc_train = Encoder(tokenizer, d.max_length, d.template, d.completion_only)
     enc_eval = Encoder(tokenizer, d.max_length, d.template, d.completion_only)
     train_ex, eval_ex = enc_train.encode_rows(rows), enc_eval.encode_rows(eval_rows)
@@ -309,6 +310,7 @@ def _train(cfg: Config, resume: bool, mode: str, out: Path, stop: SignalStop | N
         run_dir.check_world_size(out, w.size)
     check_report_to(cfg.train.report_to)
     check_trl(cfg.train.method, cfg.pref.loss_type)
+    check_grpo_batch(cfg, w.size)
     resolve_model(cfg.model)
     check_ranks(meta_model(cfg.model), lora_config(cfg))  # before any weight is loaded or factor allocated
     tokenizer = load_tokenizer(cfg.model)
