@@ -44,10 +44,20 @@ class InitReport:
             counts[layer.source] = counts.get(layer.source, 0) + 1
         return counts
 
-    def mean_ratio(self) -> float:
-        """Mean over layers of rel_err / qlora_rel_err (< 1: closer to the original than QLoRA)."""
-        ratios = [x.rel_err / x.qlora_rel_err for x in self.layers if x.qlora_rel_err > 0]
+    def mean_ratio(self, kind: str | None = None) -> float:
+        """Mean over layers (of ``kind``, see ``kind_of``) of rel_err / qlora_rel_err (< 1: closer
+        to the original than QLoRA)."""
+        ratios = [
+            x.rel_err / x.qlora_rel_err
+            for x in self.layers
+            if x.qlora_rel_err > 0 and (kind is None or kind_of(x.name) == kind)
+        ]
         return sum(ratios) / len(ratios) if ratios else math.nan
+
+    def ratio_by_kind(self) -> dict[str, float]:
+        """``mean_ratio`` per kind of layer, when there is more than one kind (a MoE model)."""
+        kinds = sorted({kind_of(x.name) for x in self.layers})
+        return {k: self.mean_ratio(k) for k in kinds} if len(kinds) > 1 else {}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -55,6 +65,7 @@ class InitReport:
             "init_source": self.init_source,
             "seconds": self.seconds,
             "sources": self.sources(),
+            **({"ratio_by_kind": self.ratio_by_kind()} if self.ratio_by_kind() else {}),
             "layers": [asdict(x) for x in self.layers],
         }
 
@@ -73,5 +84,11 @@ class InitReport:
                 f"{x.rel_err:>9.5f} {x.qlora_rel_err:>9.5f}"
             )
         if self.layers:
-            lines.append(f"mean rel_err / qlora_err: {self.mean_ratio():.4f}")
+            kinds = ", ".join(f"{k} {v:.4f}" for k, v in self.ratio_by_kind().items())
+            lines.append(f"mean rel_err / qlora_err: {self.mean_ratio():.4f}" + (f" ({kinds})" if kinds else ""))
         return "\n".join(lines)
+
+
+def kind_of(layer: str) -> str:
+    """The kind of a layer, for the report: "experts" (a MoE expert matrix) or "other"."""
+    return "experts" if ".experts." in layer else "other"

@@ -49,6 +49,20 @@ FAMILIES: tuple[Family, ...] = (
     Family("Cohere", "CohereConfig", "CohereForCausalLM", {**SHAPE, **KV}),
     Family("Granite", "GraniteConfig", "GraniteForCausalLM", {**SHAPE, **KV, "logits_scaling": 8.0}),
     Family(
+        "Mixtral",
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        {**SHAPE, **KV, "num_local_experts": 8, "num_experts_per_tok": 2},
+        note="MoE, 8 experts: each expert matrix 4-bit and adapted",
+    ),
+    Family(
+        "Qwen3-MoE",
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {**SHAPE, **KV, "head_dim": 16, "num_experts": 32, "num_experts_per_tok": 4, "moe_intermediate_size": 64},
+        note="MoE, 32 experts: each expert matrix 4-bit and adapted",
+    ),
+    Family(
         "GPT-2",
         "GPT2Config",
         "GPT2LMHeadModel",

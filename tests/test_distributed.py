@@ -152,6 +152,19 @@ def test_accelerate_launch_gives_the_same_run(runs) -> None:
     assert got["world_size"] == 2 and [h["loss"] for h in got["history"]] == [h["loss"] for h in want["history"]]
 
 
+def one_rank_then_two(root: Path, name: str, one, two) -> tuple[dict, dict]:
+    """``one`` in this process, then ``two`` on 2 torchrun ranks; both runs' metrics, after checking
+    the world sizes and that the global batch is the same (4)."""
+    train(one)
+    dump_config(two, root / f"{name}-two.yaml")
+    proc = torchrun(root / f"{name}-two.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = metrics(root / f"{name}-one" / "run"), metrics(root / f"{name}-two" / "run")
+    assert b["world_size"] == 2 and a["global_batch"] == b["global_batch"] == 4
+    assert [h["step"] for h in b["history"]] == list(range(1, STEPS + 1))
+    return a, b
+
+
 def test_dpo_two_ranks_equal_one_rank_at_the_same_global_batch(runs) -> None:
     """DPO (TRL's trainer, the reference adapter on every rank): 2 ranks of batch 2 give the losses
     and rewards of 1 rank of batch 2 x grad_accum 2, and the step-0 rewards are 0 on both.
@@ -168,13 +181,7 @@ def test_dpo_two_ranks_equal_one_rank_at_the_same_global_batch(runs) -> None:
     two = _config(model, root / "dpo-two", method="dpo")
     for cfg, d in ((one, root / "dpo-one"), (two, root / "dpo-two")):
         cfg.data.train = pairs_file(d, n=40)
-    train(one)
-    dump_config(two, root / "dpo-two.yaml")
-    proc = torchrun(root / "dpo-two.yaml")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = metrics(root / "dpo-one" / "run"), metrics(root / "dpo-two" / "run")
-    assert b["world_size"] == 2 and a["global_batch"] == b["global_batch"] == 4
-    assert [h["step"] for h in b["history"]] == list(range(1, STEPS + 1))
+    a, b = one_rank_then_two(root, "dpo", one, two)
     for x, y in zip(a["history"], b["history"], strict=True):
         assert abs(x["loss"] - y["loss"]) <= 1e-5 and abs(x["rewards/margins"] - y["rewards/margins"]) <= 1e-5
     for x, y in zip(a["eval"], b["eval"], strict=True):
@@ -191,13 +198,7 @@ def test_grpo_two_ranks_sample_the_one_rank_completions(runs) -> None:
     for name, accum in (("grpo-one", 2), ("grpo-two", 1)):
         cfg = cfgs[name] = _config(model, root / name, grad_accum=accum, method="grpo", rewards=["length:3"])
         cfg.grpo.max_completion_length, cfg.grpo.beta = 8, 0.04
-    train(cfgs["grpo-one"])
-    dump_config(cfgs["grpo-two"], root / "grpo-two.yaml")
-    proc = torchrun(root / "grpo-two.yaml")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = metrics(root / "grpo-one" / "run"), metrics(root / "grpo-two" / "run")
-    assert b["world_size"] == 2 and a["global_batch"] == b["global_batch"] == 4
-    assert [h["step"] for h in b["history"]] == list(range(1, STEPS + 1))
+    a, b = one_rank_then_two(root, "grpo", cfgs["grpo-one"], cfgs["grpo-two"])
     for k in ("reward", "reward_std", "completions/mean_length"):
         assert [x[k] for x in a["history"]] == [y[k] for y in b["history"]], k
     assert len({x["reward"] for x in a["history"]}) > 1  # the rewards move: the comparison is not vacuous
@@ -205,6 +206,28 @@ def test_grpo_two_ranks_sample_the_one_rank_completions(runs) -> None:
     assert [e["eval_reward"] for e in a["eval"]] == [e["eval_reward"] for e in b["eval"]]  # 8 prompts x 4
     for x, y in zip(a["history"], b["history"], strict=True):
         assert abs(x["loss"] - y["loss"]) <= 1e-5 and abs(x["kl"] - y["kl"]) <= 1e-5, (a["history"], b["history"])
+
+
+def test_moe_two_ranks_equal_one_rank_with_4bit_experts(runs) -> None:
+    """A tiny Mixtral, all-linear (attention and every 4-bit expert matrix adapted): 2 ranks give
+    the 1-rank losses at the same global batch (1e-5). An expert no token of a rank's batch reaches
+    gets no gradient there; DDP is told to look for such parameters (``ddp_find_unused_parameters``)."""
+    from .conftest import make_tokenizer
+    from .model_matrix import FAMILIES, build
+
+    root = runs["root"]
+    model = root / "mixtral"
+    tok = make_tokenizer()
+    build(next(f for f in FAMILIES if f.name == "Mixtral"), tok).save_pretrained(model)
+    tok.save_pretrained(model)
+    one = _config(model, root / "moe-one", grad_accum=2)
+    two = _config(model, root / "moe-two")
+    for cfg in (one, two):
+        cfg.adapter.target_modules = "all-linear"
+    a, b = one_rank_then_two(root, "moe", one, two)
+    assert a["init_report"]["sources"] == {"checkpoint": 56}  # 8 attention + 48 expert matrices
+    for x, y in zip(a["history"], b["history"], strict=True):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5, (a["history"], b["history"])
 
 
 def fault_run(

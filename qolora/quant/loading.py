@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..precision import parse_dtype, resolve_compute_dtype
+from .experts import stored_names, unfuse_, unfused_experts_loading
 from .layout import keep_standard_layout_, skip_for_device
 from .source import resolve_model
 
@@ -164,6 +165,9 @@ def unquantizable(path: str, device: str, trust_remote_code: bool = False) -> tu
     from transformers.quantizers.base import get_keys_to_not_convert
 
     meta = meta_model(path, trust_remote_code)
+    names = stored_names(meta)
+    if names is not None:  # the experts as they will load: one linear layer per stored matrix
+        unfuse_(meta, names)
     return skip_for_device(meta, device), get_keys_to_not_convert(meta)
 
 
@@ -224,7 +228,7 @@ def load_quantized(
                 ", ".join(odd[:6]),
             )
     skipped = sorted(set(defaults) | set(skip_modules))
-    with linear_subclasses_as_linear():
+    with linear_subclasses_as_linear(), unfused_experts_loading():
         model = AutoModelForCausalLM.from_pretrained(
             path,
             quantization_config=bnb_config(cdtype, quant_type, double_quant, storage, skip_modules=skipped),

@@ -7,6 +7,7 @@ runs on the original weight and the residual is quantized once (docs/design.md, 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -83,7 +84,28 @@ class CheckpointWeights:
                 candidates.append(key[len(p) + 1 :])
             else:
                 candidates.append(f"{p}.{key}")
-        return next((c for c in candidates if c in self._key_to_file), None)
+        found = next((c for c in candidates if c in self._key_to_file), None)
+        if found is None:  # a key transformers renames while loading (Mixtral's block_sparse_moe -> mlp)
+            found = next((self.renamed[c] for c in candidates if c in self.renamed), None)
+        return found
+
+    @functools.cached_property
+    def renamed(self) -> dict[str, str]:
+        """{the model's name for a key: the checkpoint's key}, for the keys the model type's
+        renamings change (``experts.checkpoint_renames``)."""
+        from .experts import checkpoint_renames, renamed
+
+        try:
+            model_type = json.loads((self.folder / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError):
+            return {}
+        renames = checkpoint_renames(model_type) if model_type else []
+        out = {}
+        for k in self._key_to_file if renames else ():
+            r = renamed(k, renames)
+            if r != k:
+                out[r] = k
+        return out
 
     def fingerprint(self) -> dict[str, Any]:
         return fingerprint(self.folder)

@@ -1,0 +1,214 @@
+"""Mixture-of-experts layers in 4-bit: fused experts loaded as one linear layer per expert matrix,
+in the checkpoint's own layout, so transformers' bitsandbytes conversion makes each one NF4.
+
+transformers 5 keeps a MoE layer's experts fused, as 3-D parameters (``gate_up_proj``: experts x
+2·intermediate x hidden, ``down_proj``: experts x hidden x intermediate), which bitsandbytes does
+not quantize: about 95% of a MoE model's parameters would stay in 16 bits. Mixtral and Qwen-MoE
+checkpoints store the experts one matrix each (``experts.E.w1`` / ``w3`` / ``w2``, or
+``experts.E.gate_proj`` / ``up_proj`` / ``down_proj``), and transformers fuses them while loading
+(its conversion mapping). ``unfused_experts_loading`` keeps them as they are stored instead:
+
+- before any weight is read, each fused experts module of the meta model is replaced by
+  ``UnfusedExperts``, one ``nn.Linear`` per stored matrix, named as in the checkpoint; the
+  bitsandbytes conversion then makes each a ``Linear4bit`` like any other linear layer (the same
+  blocksize, double quantization and storage);
+- the fusing converters are left out of the conversion mapping (renamings such as Mixtral's
+  ``block_sparse_moe`` -> ``mlp`` stay), so each stored matrix loads into its own layer, one at a
+  time, and is quantized as it arrives: no 16-bit copy of the experts is ever held.
+
+The forward is transformers' own loop over the experts a batch hits, each expert's matrices
+running as 4-bit matmuls: one expert's weights are dequantized at a time. Every step of QOLoRA
+that works on linear layers (the factored inits from the checkpoint, reload, digests, the merged
+export, which streams the checkpoint's keys) then works on the experts unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+FUSED = ("gate_up_proj", "down_proj")
+
+
+class Expert(nn.Module):
+    """One expert: three linear layers named as the checkpoint names them."""
+
+    def __init__(self, names: tuple[str, str, str], hidden: int, intermediate: int, **like: Any) -> None:
+        super().__init__()
+        self.names = names
+        gate, up, down = names
+        setattr(self, gate, nn.Linear(hidden, intermediate, bias=False, **like))
+        setattr(self, up, nn.Linear(hidden, intermediate, bias=False, **like))
+        setattr(self, down, nn.Linear(intermediate, hidden, bias=False, **like))
+
+    def forward(self, x: torch.Tensor, act_fn: Any) -> torch.Tensor:
+        gate, up, down = (getattr(self, n) for n in self.names)
+        return down(act_fn(gate(x)) * up(x))
+
+
+class UnfusedExperts(nn.ModuleList):
+    """A fused experts module (Mixtral's, Qwen-MoE's) as one ``Expert`` per expert; the same
+    forward as transformers': each expert a batch hits, on its tokens, weighted by the router."""
+
+    def __init__(self, fused: nn.Module, names: tuple[str, str, str]) -> None:
+        w = fused.gate_up_proj
+        num, two_i, hidden = w.shape
+        # on the fused parameter's device and dtype: on the meta model, nothing is allocated
+        super().__init__(Expert(names, hidden, two_i // 2, device=w.device, dtype=w.dtype) for _ in range(num))
+        self.num_experts, self.fused_class = num, type(fused).__name__
+        self.__dict__["act_fn"] = fused.act_fn  # no parameters; not a child, so the list holds experts only
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        final = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for e in hit:
+            e = int(e[0])
+            if e == self.num_experts:
+                continue
+            pos, tokens = torch.where(mask[e])
+            out = self[e](hidden_states[tokens], self.act_fn) * top_k_weights[tokens, pos, None]
+            final.index_add_(0, tokens, out.to(final.dtype))
+        return final
+
+
+def is_fused_experts(m: nn.Module) -> bool:
+    """A transformers fused experts module of the gated (act(gate) * up, then down) kind."""
+    p = dict(m.named_parameters(recurse=False))
+    return (
+        all(n in p and p[n].ndim == 3 for n in FUSED)
+        and hasattr(m, "act_fn")
+        and not any(n.endswith("_bias") for n in p)  # gpt-oss's experts: biased, clamped, interleaved
+    )
+
+
+def _names(patterns: list[str]) -> list[str]:
+    """``.experts.*.w1.weight`` -> ``w1``."""
+    out = []
+    for p in patterns:
+        m = re.search(r"experts\.\*\.(\w+)\.weight$", p)
+        if not m:
+            return []
+        out.append(m.group(1))
+    return out
+
+
+def stored_names(model: nn.Module) -> tuple[str, str, str] | None:
+    """(gate, up, down) as the model type's checkpoints name one expert's matrices, read from
+    transformers' conversion mapping (the converters that fuse them); None if it fuses none."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    gate_up = down = None
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for t in (get_checkpoint_conversion_mapping(model_type) if model_type else None) or []:
+        targets = getattr(t, "target_patterns", [])
+        names = _names(list(getattr(t, "_original_source_patterns", t.source_patterns)))
+        if any(str(x).endswith("experts.gate_up_proj") for x in targets) and len(names) == 2:
+            gate_up = names
+        elif any(str(x).endswith("experts.down_proj") for x in targets) and len(names) == 1:
+            down = names
+    return (gate_up[0], gate_up[1], down[0]) if gate_up and down else None
+
+
+def unfuse_(model: nn.Module, names: tuple[str, str, str]) -> list[str]:
+    """Replace every fused experts module of ``model`` by ``UnfusedExperts``, in place; their names."""
+    done = []
+    for name, m in list(model.named_modules()):
+        if is_fused_experts(m):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, UnfusedExperts(m, names))
+            done.append(name)
+    return done
+
+
+def _is_fusing(t: Any) -> bool:
+    targets = getattr(t, "target_patterns", [])
+    return any(str(x).endswith(("experts.gate_up_proj", "experts.down_proj")) for x in targets)
+
+
+@contextlib.contextmanager
+def unfused_experts_loading() -> Iterator[None]:
+    """While ``from_pretrained`` runs: fused experts become ``UnfusedExperts`` on the meta model
+    (before the bitsandbytes conversion), and the converters that fuse the checkpoint's expert
+    matrices are left out, so each loads into its own (4-bit) layer."""
+    import transformers.modeling_utils as mu
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+
+    before, mapping = Bnb4BitHfQuantizer._process_model_before_weight_loading, mu.get_model_conversion_mapping
+
+    def before_weight_loading(self: Any, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        names = stored_names(model)
+        if names is not None and unfuse_(model, names):
+            keep_peft_from_refusing_experts()
+        return before(self, model, *args, **kwargs)
+
+    def conversion_mapping(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        transforms = mapping(model, *args, **kwargs)
+        if any(isinstance(m, UnfusedExperts) for m in model.modules()):
+            transforms = [t for t in transforms if not _is_fusing(t)]
+        return transforms
+
+    Bnb4BitHfQuantizer._process_model_before_weight_loading = before_weight_loading
+    mu.get_model_conversion_mapping = conversion_mapping
+    try:
+        yield
+    finally:
+        Bnb4BitHfQuantizer._process_model_before_weight_loading = before
+        mu.get_model_conversion_mapping = mapping
+
+
+def checkpoint_renames(model_type: str) -> list[Any]:
+    """The model type's key renamings (transformers' conversion mapping without its converters):
+    what turns a checkpoint key into the model's parameter name, e.g. Mixtral's
+    ``block_sparse_moe`` -> ``mlp``."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    return [t for t in get_checkpoint_conversion_mapping(model_type) or [] if isinstance(t, WeightRenaming)]
+
+
+def renamed(key: str, renames: list[Any]) -> str:
+    """``key`` after every renaming of ``renames`` that matches it."""
+    for r in renames:
+        key, _ = r.rename_source_key(key)
+    return key
+
+
+_PEFT_PATCHED = False
+
+
+def keep_peft_from_refusing_experts() -> None:
+    """PEFT (>= 0.18, on transformers 5) rewrites, for adapters trained on transformers 4, a LoRA
+    config that names Mixtral's or Qwen-MoE's expert matrices (``w1``, ``gate_proj``, ...) into
+    ``target_parameters`` on the fused 3-D experts, and an adapter's per-expert tensors into fused
+    ones. On a model whose experts are ``UnfusedExperts`` those names are real linear layers: both
+    rewrites are skipped there (and only there). Installed once per process."""
+    global _PEFT_PATCHED
+    if _PEFT_PATCHED:
+        return
+    import peft.utils.transformers_weight_conversion as twc
+
+    convert_config = twc.convert_peft_config_for_transformers
+    convert_state = twc.convert_peft_adapter_state_dict_for_transformers
+
+    def unfused(model: nn.Module) -> bool:
+        return any(isinstance(m, UnfusedExperts) for m in model.modules())
+
+    def config_unless_unfused(peft_config: Any, model: nn.Module, conversions: Any) -> None:
+        if not unfused(model):
+            convert_config(peft_config, model=model, conversions=conversions)
+
+    def state_unless_unfused(model: nn.Module, peft_config: Any, adapter_state_dict: Any, **kw: Any) -> Any:
+        if unfused(model):
+            return adapter_state_dict
+        return convert_state(model=model, peft_config=peft_config, adapter_state_dict=adapter_state_dict, **kw)
+
+    twc.convert_peft_config_for_transformers = config_unless_unfused
+    twc.convert_peft_adapter_state_dict_for_transformers = state_unless_unfused
+    _PEFT_PATCHED = True

@@ -1,0 +1,67 @@
+"""MoE experts loaded as one 4-bit linear layer per stored matrix (``qolora/quant/experts.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from qolora import quant
+from qolora.quant.experts import UnfusedExperts, stored_names
+
+from .conftest import make_tokenizer
+from .model_matrix import FAMILIES, build
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mixtral")
+    tok = make_tokenizer()
+    build(next(f for f in FAMILIES if f.name == "Mixtral"), tok).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_each_expert_layer_holds_nf4_of_its_checkpoint_matrix_and_no_fused_copy_is_made(
+    mixtral_dir, monkeypatch
+) -> None:
+    fused = []
+    init = transformers.models.mixtral.modeling_mixtral.MixtralExperts.__init__
+
+    def record(self, *a, **k):
+        init(self, *a, **k)
+        fused.append(self)
+
+    monkeypatch.setattr(transformers.models.mixtral.modeling_mixtral.MixtralExperts, "__init__", record)
+    model = quant.load_quantized(mixtral_dir)
+    assert fused and all(p.device.type == "meta" for m in fused for p in m.parameters())  # never materialized
+    assert not [n for n, p in model.named_parameters() if p.ndim == 3]
+    ckpt = quant.CheckpointWeights(mixtral_dir)
+    experts = [(n, m) for n, m in model.named_modules() if ".experts." in n and quant.is_4bit(m)]
+    assert len(experts) == 2 * 8 * 3
+    for name, layer in experts[::7]:
+        key = ckpt.find(name, ("model",))  # block_sparse_moe in the checkpoint, mlp in the model
+        assert key is not None and ".block_sparse_moe." in key, name
+        want = quant.roundtrip(ckpt.get(key), quant.quant_settings(layer))
+        assert torch.equal(quant.dequantize(layer).float(), want.float()), name
+
+
+def test_the_unfused_forward_is_the_fused_forward(mixtral_dir) -> None:
+    """fp32, no quantization: the experts as separate matrices give transformers' fused output."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(mixtral_dir, dtype=torch.float32)
+    fused = model.model.layers[0].mlp.experts
+    names = stored_names(model)
+    assert names == ("w1", "w3", "w2")
+    unfused = UnfusedExperts(fused, names)
+    i = fused.gate_up_proj.shape[1] // 2
+    with torch.no_grad():
+        for e, expert in enumerate(unfused):
+            expert.w1.weight.copy_(fused.gate_up_proj[e, :i])
+            expert.w3.weight.copy_(fused.gate_up_proj[e, i:])
+            expert.w2.weight.copy_(fused.down_proj[e])
+        x = torch.randn(12, 64, generator=torch.Generator().manual_seed(1))
+        idx = torch.randint(0, 8, (12, 2), generator=torch.Generator().manual_seed(2))
+        w = torch.rand(12, 2, generator=torch.Generator().manual_seed(3))
+        assert (unfused(x, idx, w) - fused(x, idx, w)).abs().max() < 1e-6
+        unfused[3].w1.weight.mul_(2.0)  # negative control: a wrong expert shows
+        assert (unfused(x, idx, w) - fused(x, idx, w)).abs().max() > 1e-3
