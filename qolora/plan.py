@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,21 +79,26 @@ class Held:
     full_linear: int
     full_linear_types: list[str]
     other: int
-    experts: int = 0  # of ``other``: 3-D parameters (fused MoE experts)
+    experts: int = 0  # of ``other``: 3-D parameters (fused MoE experts QOLoRA cannot load per matrix)
+    expert_linears: list[tuple[int, int]] = field(default_factory=list)  # (out, in) of each 4-bit expert matrix
 
 
 def held_from_config(c: dict[str, Any]) -> Held | None:
     """``Held`` for the config dict ``c``, or None when transformers cannot build it (no ``model_type``,
     or one it does not know): the plan then counts the Llama-style shape alone."""
+    from .quant.experts import stored_names, unfuse_
     from .quant.loading import converted_to_4bit, is_linear, kept_in_full_precision, meta_model
 
     try:
         model = meta_model(c)
         model.tie_weights()  # tied embeddings are one tensor, as from_pretrained makes them
+        names = stored_names(model)
     except Exception:  # noqa: BLE001 - no model_type, an unknown or remote-code one: the shape formula stands
         return None
+    if names is not None:  # the experts as QOLoRA loads them: one 4-bit linear layer per stored matrix
+        unfuse_(model, names)
     head = model.get_output_embeddings()
-    four, full, types, counted = [], 0, set(), set()
+    four, full, types, counted, expert_linears = [], 0, set(), set(), []
     for name, m in model.named_modules():
         if m is head or not is_linear(m):
             continue
@@ -101,6 +106,8 @@ def held_from_config(c: dict[str, Any]) -> Held | None:
         counted.add(id(w))
         if converted_to_4bit(m) and not kept_in_full_precision(model, name):
             four.append(w.numel())
+            if ".experts." in name:
+                expert_linears.append(tuple(w.shape))
         else:
             full += w.numel()
             types.add(type(m).__name__)
@@ -111,7 +118,7 @@ def held_from_config(c: dict[str, Any]) -> Held | None:
             seen.add(id(p))
             other += p.numel()
             experts += p.numel() if p.ndim >= 3 else 0
-    return Held(four, full, sorted(types), other, experts)
+    return Held(four, full, sorted(types), other, experts, expert_linears)
 
 
 def nf4_stats_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
@@ -232,7 +239,10 @@ def components(
         experts = held.experts * dtype_bytes
         full_linear = held.full_linear * dtype_bytes
         full_label = f"linear layers kept in full precision ({', '.join(held.full_linear_types)})"
-    adapter_params = s.layers * sum(rank * (o + i) for o, i in lin)
+    # the adapted layers: each decoder layer's linears; for a MoE model, attention and every expert matrix
+    expert_lin = held.expert_linears if held is not None else []
+    adapted = lin[:4] * s.layers + expert_lin if expert_lin else lin * s.layers
+    adapter_params = sum(rank * (o + i) for o, i in adapted)
     tokens = batch * seq_len
     h, i, kv, q = s.hidden, s.intermediate, s.kv_heads * s.head_dim, s.heads * s.head_dim
     # Bytes one decoder layer saves for backward per token, as measured on the saved-tensor
@@ -249,8 +259,8 @@ def components(
         acts = s.layers * layer_saved
     rows = ce_chunk if chunked_ce else tokens
     logits = rows * s.vocab * (4 + 4 + (0 if chunked_ce else dtype_bytes))  # fp32 logits + their grad (+ bf16)
-    opt_bytes = s.layers * sum(
-        optimizer_state_bytes(rank * i, optimizer) + optimizer_state_bytes(o * rank, optimizer) for o, i in lin
+    opt_bytes = sum(
+        optimizer_state_bytes(rank * i, optimizer) + optimizer_state_bytes(o * rank, optimizer) for o, i in adapted
     )
     unquantized = unquantized_numel * dtype_bytes
     if not fsdp:

@@ -109,3 +109,27 @@ def test_a_model_without_a_transform_keeps_the_chunked_loss(chat_model_dir, tmp_
     check = json.loads((tmp_path / "run" / "metrics.json").read_text())["loss_check"]
     assert check["ok"] and check["ce"] == "chunked" and check["tokens"] > 0
     assert abs(check["chunked"] - check["own"]) <= 1e-5 * max(1.0, check["own"])
+
+
+def test_a_moe_router_auxiliary_loss_is_added_as_transformers_adds_it(tmp_path) -> None:
+    """Mixtral with ``output_router_logits``: the training loss is transformers' own, CE plus
+    ``router_aux_loss_coef`` x the load-balancing loss (the chunked CE, which cannot see the router
+    logits, steps aside); without it, the chunked CE runs and equals the model's loss."""
+    from qolora.training.losses import supports_chunked_ce
+
+    from .conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    kw = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    kw |= dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.5)
+    ids = torch.randint(3, 40, (2, 10), generator=torch.Generator().manual_seed(4))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    for aux in (True, False):
+        torch.manual_seed(0)
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(output_router_logits=aux, **kw)).eval()
+        assert supports_chunked_ce(model) is not aux
+        with torch.no_grad():
+            total, count = token_loss_sum(model, batch)
+            out = model(**batch)
+        assert abs(float(total / count) - float(out.loss)) < 1e-5
+        assert (out.aux_loss is not None) is aux and (not aux or float(0.5 * out.aux_loss) > 0.1)

@@ -160,7 +160,15 @@ def supports_chunked_ce(lm: nn.Module) -> bool:
         and head.bias is None
         and lm_body(lm) is not None
         and "logits_to_keep" in inspect.signature(lm.forward).parameters
+        and not router_aux_coef(lm)  # the auxiliary loss needs the same forward's router logits
     )
+
+
+def router_aux_coef(lm: nn.Module) -> float:
+    """A MoE model's router auxiliary-loss weight when its config turns the loss on
+    (``output_router_logits``), as transformers adds it to the loss; else 0."""
+    c = getattr(lm, "config", None)
+    return float(getattr(c, "router_aux_loss_coef", 0.0) or 0.0) if getattr(c, "output_router_logits", False) else 0.0
 
 
 def final_hidden(model: nn.Module, lm: nn.Module, fwd: dict[str, Any]) -> torch.Tensor:
@@ -209,13 +217,17 @@ def token_loss_sum(
             logit_transform(lm),
         )
     else:
-        logits = model(**fwd).logits
+        out = model(**fwd)
+        logits = out.logits
         total = F.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]),
             labels.reshape(-1),
             ignore_index=IGNORE,
             reduction="sum",
         )
+        coef = router_aux_coef(lm)
+        if coef and getattr(out, "aux_loss", None) is not None:  # transformers' loss: CE + coef x aux, per batch
+            total = total + coef * out.aux_loss.float() * (labels != IGNORE).sum()
     return total, (labels != IGNORE).sum()
 
 
