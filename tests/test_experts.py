@@ -65,3 +65,29 @@ def test_the_unfused_forward_is_the_fused_forward(mixtral_dir) -> None:
         assert (unfused(x, idx, w) - fused(x, idx, w)).abs().max() < 1e-6
         unfused[3].w1.weight.mul_(2.0)  # negative control: a wrong expert shows
         assert (unfused(x, idx, w) - fused(x, idx, w)).abs().max() > 1e-3
+
+
+def test_a_checkpoint_that_stores_its_experts_fused_loads_them_as_stored_and_says_so(
+    mixtral_dir, tmp_path, caplog
+) -> None:
+    """No per-matrix keys to read into: the experts are not unfused (that would leave 4-bit layers
+    with no weights), they load fused and 16-bit, and one warning names them with their memory."""
+    import logging
+    import shutil
+
+    from safetensors.torch import save_file
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(mixtral_dir, dtype=torch.float32)
+    fused_dir = tmp_path / "fused"
+    fused_dir.mkdir()
+    for f in mixtral_dir.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, fused_dir / f.name)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(fused_dir / "model.safetensors"))
+    with caplog.at_level(logging.WARNING, logger="qolora"):
+        loaded = quant.load_quantized(fused_dir)
+    assert not any(isinstance(m, UnfusedExperts) for m in loaded.modules())
+    with torch.no_grad():  # the fused weights arrived, as stored
+        assert torch.equal(loaded.model.layers[1].mlp.experts.down_proj, model.model.layers[1].mlp.experts.down_proj)
+    lines = [r.getMessage() for r in caplog.records if "MoE experts modules stayed in 16 bits" in r.getMessage()]
+    assert len(lines) == 1 and "the checkpoint stores them fused" in lines[0] and "layers.0.mlp.experts" in lines[0]

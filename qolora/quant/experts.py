@@ -132,11 +132,32 @@ def _is_fusing(t: Any) -> bool:
     return any(str(x).endswith(("experts.gate_up_proj", "experts.down_proj")) for x in targets)
 
 
+PER_MATRIX = re.compile(r"\.experts\.\d+\.\w+\.weight$")
+
+
+def stores_experts_per_matrix(keys: list[str]) -> bool:
+    """Whether a checkpoint's keys hold MoE experts one matrix each (``...experts.3.w1.weight``)."""
+    return any(PER_MATRIX.search(k) for k in keys)
+
+
+def fused_left(model: nn.Module) -> list[tuple[str, int]]:
+    """(name, bytes) of the fused experts modules ``model`` still holds (not loaded per matrix)."""
+    return [
+        (n, sum(p.numel() * p.element_size() for p in m.parameters(recurse=False)))
+        for n, m in model.named_modules()
+        if any(isinstance(getattr(m, f, None), torch.Tensor) and getattr(m, f).ndim == 3 for f in FUSED)
+    ]
+
+
 @contextlib.contextmanager
-def unfused_experts_loading() -> Iterator[None]:
+def unfused_experts_loading(enabled: bool = True) -> Iterator[None]:
     """While ``from_pretrained`` runs: fused experts become ``UnfusedExperts`` on the meta model
     (before the bitsandbytes conversion), and the converters that fuse the checkpoint's expert
-    matrices are left out, so each loads into its own (4-bit) layer."""
+    matrices are left out, so each loads into its own (4-bit) layer. ``enabled``: the checkpoint
+    stores its experts per matrix (``stores_experts_per_matrix``); a fused one loads as it is."""
+    if not enabled:
+        yield
+        return
     import transformers.modeling_utils as mu
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from ..precision import parse_dtype, resolve_compute_dtype
-from .experts import stored_names, unfuse_, unfused_experts_loading
+from .experts import fused_left, stored_names, stores_experts_per_matrix, unfuse_, unfused_experts_loading
 from .layout import keep_standard_layout_, skip_for_device
-from .source import resolve_model
+from .source import CheckpointWeights, resolve_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -160,13 +160,22 @@ def meta_model(path: str | dict[str, Any], trust_remote_code: bool = False) -> n
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
+def experts_per_matrix(path: str) -> bool:
+    """Whether the checkpoint in ``path`` stores MoE experts one matrix each (then they load as
+    4-bit layers, ``experts.py``); False for a dense model or a checkpoint without safetensors."""
+    try:
+        return stores_experts_per_matrix(CheckpointWeights(path).keys())
+    except FileNotFoundError:
+        return False
+
+
 def unquantizable(path: str, device: str, trust_remote_code: bool = False) -> tuple[list[str], list[str]]:
     """(layers bitsandbytes cannot run in 4-bit on ``device``, transformers' default skips)."""
     from transformers.quantizers.base import get_keys_to_not_convert
 
     meta = meta_model(path, trust_remote_code)
     names = stored_names(meta)
-    if names is not None:  # the experts as they will load: one linear layer per stored matrix
+    if names is not None and experts_per_matrix(path):  # the experts as they will load: a layer per matrix
         unfuse_(meta, names)
     return skip_for_device(meta, device), get_keys_to_not_convert(meta)
 
@@ -228,7 +237,7 @@ def load_quantized(
                 ", ".join(odd[:6]),
             )
     skipped = sorted(set(defaults) | set(skip_modules))
-    with linear_subclasses_as_linear(), unfused_experts_loading():
+    with linear_subclasses_as_linear(), unfused_experts_loading(experts_per_matrix(path)):
         model = AutoModelForCausalLM.from_pretrained(
             path,
             quantization_config=bnb_config(cdtype, quant_type, double_quant, storage, skip_modules=skipped),
@@ -247,6 +256,15 @@ def load_quantized(
             ", ".join(sorted({type(model.get_submodule(n)).__name__ for n, _ in silent})),
             sum(b for _, b in silent) / 2**20,
             ", ".join(n for n, _ in silent[:6]) + (", ..." if len(silent) > 6 else ""),
+        )
+    fused = fused_left(model)
+    if fused:
+        logger.warning(
+            "%d MoE experts modules stayed in 16 bits (%.1f MiB): the checkpoint stores them fused, not one matrix "
+            "each, and bitsandbytes quantizes linear layers only: %s",
+            len(fused),
+            sum(b for _, b in fused) / 2**20,
+            ", ".join(n for n, _ in fused[:4]) + (", ..." if len(fused) > 4 else ""),
         )
     if skip_modules:
         kept = set(skip_modules)
