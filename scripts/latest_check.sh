@@ -2,8 +2,9 @@
 # The newest releases, reported without blocking: a second venv, .venv-latest, gets QOLoRA with
 # whatever pip picks today (no constraints.txt: transformers, peft, accelerate, datasets, trl,
 # bitsandbytes at their newest allowed by pyproject.toml), and a fast subset of the suite runs on it
-# (the architecture matrix, the loss check, and preference tuning on TRL's trainers, the code
-# that moves most between releases). It prints what passed and what failed,
+# (7 families of the architecture matrix, the ones with their own paths: a Llama, soft-capped, scaled,
+# Conv1D, an nn.Linear subclass and the two MoE; the loss check; and preference tuning on TRL's
+# trainers, the code that moves most between releases). It prints what passed and what failed,
 # and the versions, and always exits 0: a new release that breaks something is news, not a red CI.
 # The lock of what CI passed with is constraints.txt (scripts/setup.sh installs it).
 set -uo pipefail
@@ -23,7 +24,9 @@ versions=$("$dir/bin/python" -c "
 import importlib.metadata as m
 print(', '.join(f'{p} {m.version(p)}' for p in ('transformers', 'peft', 'accelerate', 'datasets', 'trl', 'bitsandbytes')))")
 "$dir/bin/python" -m pytest -q -p no:cacheprovider -o addopts="-m 'not slow and not gpu'" \
-  tests/test_models.py tests/test_loss_check.py tests/test_preference.py 2>&1 | tail -n 15 \
+  tests/test_models.py tests/test_loss_check.py tests/test_preference.py \
+  -k "not test_family_trains or Llama or Gemma2 or GPT-2 or Falcon or Granite or Mixtral or Qwen3-MoE" 2>&1 \
+  | tail -n 15 \
   | sed 's/^/newest releases: /'
 echo "newest releases ($versions): reported above, not blocking"
 exit 0
