@@ -144,7 +144,17 @@ def resolved_targets(model: nn.Module, lora_config: LoraConfig) -> LoraConfig:
                 "name the layers (for example all-linear)"
             )
         cfg.target_modules = found if found is None or isinstance(found, str) else set(found)
-    return _maybe_include_all_linear_layers(cfg, model) if cfg.target_modules is not None else cfg
+    all_linear = isinstance(cfg.target_modules, str) and cfg.target_modules.lower() == "all-linear"
+    cfg = _maybe_include_all_linear_layers(cfg, model) if cfg.target_modules is not None else cfg
+    if all_linear:  # a MoE's routing gates are no layer to adapt (Qwen2-MoE's shared_expert_gate: 1 output)
+        gates = {n for n in cfg.target_modules if n.rsplit(".", 1)[-1] in MOE_GATES}
+        if gates:
+            cfg.target_modules = set(cfg.target_modules) - gates
+            logger.info("all-linear leaves out %d MoE routing gates (%s)", len(gates), ", ".join(sorted(gates)[:2]))
+    return cfg
+
+
+MOE_GATES = ("shared_expert_gate",)  # linear layers that route, not transform: left out of all-linear
 
 
 def check_ranks(model: nn.Module, lora_config: LoraConfig) -> None:
@@ -248,7 +258,9 @@ def get_qolora_model(
             f"adapter.init {spec.label}: its rounds refit to what 4-bit quantization loses, and this base is not "
             "quantized; load it in 4-bit (quant.type nf4) or use olora / pissa with one round"
         )
-    cfg = copy.deepcopy(lora_config)
+    targets = lora_config.target_modules
+    all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
+    cfg = resolved_targets(model, lora_config) if all_linear else copy.deepcopy(lora_config)  # MoE gates left out
     cfg.init_lora_weights = False if spec.factored else True
     peft_model = _get_peft_model(model, cfg, adapter_name)
     recorded = lora_config.init_lora_weights if init is None else spec.peft_name

@@ -91,3 +91,24 @@ def test_a_checkpoint_that_stores_its_experts_fused_loads_them_as_stored_and_say
         assert torch.equal(loaded.model.layers[1].mlp.experts.down_proj, model.model.layers[1].mlp.experts.down_proj)
     lines = [r.getMessage() for r in caplog.records if "MoE experts modules stayed in 16 bits" in r.getMessage()]
     assert len(lines) == 1 and "the checkpoint stores them fused" in lines[0] and "layers.0.mlp.experts" in lines[0]
+
+
+def test_all_linear_leaves_out_a_moe_routing_gate() -> None:
+    """Qwen2-MoE's shared_expert_gate (hidden -> 1) routes; a rank-r adapter cannot fit it (r <= 1),
+    and PEFT's all-linear would take it: QOLoRA leaves it out, and keeps every expert and projection."""
+    from peft import LoraConfig
+
+    from qolora.adapters import resolved_targets
+    from qolora.quant.loading import meta_model
+
+    cfg = transformers.Qwen2MoeConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+        shared_expert_intermediate_size=128,
+    ).to_dict()  # fmt: skip
+    model = meta_model(cfg)
+    targets = resolved_targets(model, LoraConfig(r=4, target_modules="all-linear")).target_modules
+    assert "model.layers.0.mlp.shared_expert_gate" not in targets
+    assert "model.layers.0.mlp.shared_expert.up_proj" in targets and "model.layers.0.self_attn.q_proj" in targets
+    named = resolved_targets(model, LoraConfig(r=1, target_modules=["shared_expert_gate"])).target_modules
+    assert named == {"shared_expert_gate"}  # named explicitly, it is the user's choice
