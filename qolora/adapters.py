@@ -123,10 +123,14 @@ def _layer_shape(m: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+MOE_GATES = ("shared_expert_gate",)  # linear layers that route, not transform: left out of all-linear
+
+
 def resolved_targets(model: nn.Module, lora_config: LoraConfig) -> LoraConfig:
     """``lora_config`` with ``target_modules`` as PEFT resolves it for ``model``: PEFT's default for
     the model type where none is given (``get_peft_model(model, LoraConfig())`` does the same), and
-    "all-linear" expanded. A copy; ``lora_config`` is not changed.
+    "all-linear" expanded (without MoE routing gates, ``MOE_GATES``). A copy; ``lora_config`` is not
+    changed.
 
     Raises:
         ValueError: no target_modules, no target_parameters and no PEFT default for the model type.
@@ -152,9 +156,6 @@ def resolved_targets(model: nn.Module, lora_config: LoraConfig) -> LoraConfig:
             cfg.target_modules = set(cfg.target_modules) - gates
             logger.info("all-linear leaves out %d MoE routing gates (%s)", len(gates), ", ".join(sorted(gates)[:2]))
     return cfg
-
-
-MOE_GATES = ("shared_expert_gate",)  # linear layers that route, not transform: left out of all-linear
 
 
 def check_ranks(model: nn.Module, lora_config: LoraConfig) -> None:
@@ -258,9 +259,7 @@ def get_qolora_model(
             f"adapter.init {spec.label}: its rounds refit to what 4-bit quantization loses, and this base is not "
             "quantized; load it in 4-bit (quant.type nf4) or use olora / pissa with one round"
         )
-    targets = lora_config.target_modules
-    all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
-    cfg = resolved_targets(model, lora_config) if all_linear else copy.deepcopy(lora_config)  # MoE gates left out
+    cfg = resolved_targets(model, lora_config)  # a copy; all-linear expanded, MoE routing gates left out
     cfg.init_lora_weights = False if spec.factored else True
     peft_model = _get_peft_model(model, cfg, adapter_name)
     recorded = lora_config.init_lora_weights if init is None else spec.peft_name
@@ -285,7 +284,7 @@ def get_qolora_model(
 def meta_peft_model(base: nn.Module, lora_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
     """The PEFT LoRA structure on a meta-device ``base``, without an init: an FSDP rank other than 0
     receives every value of rank 0's model into it (``qolora.fsdp.load_sharded_``)."""
-    cfg = copy.deepcopy(lora_config)
+    cfg = resolved_targets(base, lora_config)  # the targets rank 0's get_qolora_model takes
     cfg.init_lora_weights = True
     return _get_peft_model(base, cfg, adapter_name)
 

@@ -25,6 +25,7 @@ export, which streams the checkpoint's keys) then works on the experts unchanged
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 FUSED = ("gate_up_proj", "down_proj")
+FUSED_TARGETS = tuple(f"experts.{n}" for n in FUSED)  # what transformers' converters fuse expert matrices into
 
 
 class Expert(nn.Module):
@@ -60,7 +62,7 @@ class UnfusedExperts(nn.ModuleList):
         num, two_i, hidden = w.shape
         # on the fused parameter's device and dtype: on the meta model, nothing is allocated
         super().__init__(Expert(names, hidden, two_i // 2, device=w.device, dtype=w.dtype) for _ in range(num))
-        self.num_experts, self.fused_class = num, type(fused).__name__
+        self.num_experts = num
         self.__dict__["act_fn"] = fused.act_fn  # no parameters; not a child, so the list holds experts only
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -78,14 +80,23 @@ class UnfusedExperts(nn.ModuleList):
         return final
 
 
+def _fused_params(m: nn.Module) -> dict[str, torch.Tensor]:
+    """``m``'s own 3-D parameters named as transformers names fused experts."""
+    return {n: p for n, p in m.named_parameters(recurse=False) if n in FUSED and p.ndim == 3}
+
+
 def is_fused_experts(m: nn.Module) -> bool:
     """A transformers fused experts module of the gated (act(gate) * up, then down) kind."""
-    p = dict(m.named_parameters(recurse=False))
     return (
-        all(n in p and p[n].ndim == 3 for n in FUSED)
+        len(_fused_params(m)) == len(FUSED)
         and hasattr(m, "act_fn")
-        and not any(n.endswith("_bias") for n in p)  # gpt-oss's experts: biased, clamped, interleaved
+        and not any(n.endswith("_bias") for n, _ in m.named_parameters(recurse=False))  # gpt-oss's: biased, clamped
     )
+
+
+def has_unfused_experts(model: nn.Module) -> bool:
+    """Whether ``model`` holds experts loaded one matrix each (``UnfusedExperts``)."""
+    return any(isinstance(m, UnfusedExperts) for m in model.modules())
 
 
 def _names(patterns: list[str]) -> list[str]:
@@ -109,9 +120,9 @@ def stored_names(model: nn.Module) -> tuple[str, str, str] | None:
     for t in (get_checkpoint_conversion_mapping(model_type) if model_type else None) or []:
         targets = getattr(t, "target_patterns", [])
         names = _names(list(getattr(t, "_original_source_patterns", t.source_patterns)))
-        if any(str(x).endswith("experts.gate_up_proj") for x in targets) and len(names) == 2:
+        if any(str(x).endswith(FUSED_TARGETS[0]) for x in targets) and len(names) == 2:
             gate_up = names
-        elif any(str(x).endswith("experts.down_proj") for x in targets) and len(names) == 1:
+        elif any(str(x).endswith(FUSED_TARGETS[1]) for x in targets) and len(names) == 1:
             down = names
     return (gate_up[0], gate_up[1], down[0]) if gate_up and down else None
 
@@ -128,16 +139,21 @@ def unfuse_(model: nn.Module, names: tuple[str, str, str]) -> list[str]:
 
 
 def _is_fusing(t: Any) -> bool:
-    targets = getattr(t, "target_patterns", [])
-    return any(str(x).endswith(("experts.gate_up_proj", "experts.down_proj")) for x in targets)
+    return any(str(x).endswith(FUSED_TARGETS) for x in getattr(t, "target_patterns", []))
 
 
 PER_MATRIX = re.compile(r"\.experts\.\d+\.\w+\.weight$")
 
 
-def stores_experts_per_matrix(keys: list[str]) -> bool:
-    """Whether a checkpoint's keys hold MoE experts one matrix each (``...experts.3.w1.weight``)."""
-    return any(PER_MATRIX.search(k) for k in keys)
+def stores_experts_per_matrix(path: str | os.PathLike[str]) -> bool:
+    """Whether the checkpoint in ``path`` holds MoE experts one matrix each (``...experts.3.w1.weight``):
+    then they load as 4-bit layers. False for a dense model or a checkpoint without safetensors."""
+    from .source import CheckpointWeights
+
+    try:
+        return any(PER_MATRIX.search(k) for k in CheckpointWeights(path).keys())
+    except FileNotFoundError:
+        return False
 
 
 def fused_left(model: nn.Module) -> list[tuple[str, int]]:
@@ -145,7 +161,7 @@ def fused_left(model: nn.Module) -> list[tuple[str, int]]:
     return [
         (n, sum(p.numel() * p.element_size() for p in m.parameters(recurse=False)))
         for n, m in model.named_modules()
-        if any(isinstance(getattr(m, f, None), torch.Tensor) and getattr(m, f).ndim == 3 for f in FUSED)
+        if _fused_params(m)
     ]
 
 
@@ -171,7 +187,7 @@ def unfused_experts_loading(enabled: bool = True) -> Iterator[None]:
 
     def conversion_mapping(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
         transforms = mapping(model, *args, **kwargs)
-        if any(isinstance(m, UnfusedExperts) for m in model.modules()):
+        if has_unfused_experts(model):
             transforms = [t for t in transforms if not _is_fusing(t)]
         return transforms
 
@@ -218,15 +234,12 @@ def keep_peft_from_refusing_experts() -> None:
     convert_config = twc.convert_peft_config_for_transformers
     convert_state = twc.convert_peft_adapter_state_dict_for_transformers
 
-    def unfused(model: nn.Module) -> bool:
-        return any(isinstance(m, UnfusedExperts) for m in model.modules())
-
     def config_unless_unfused(peft_config: Any, model: nn.Module, conversions: Any) -> None:
-        if not unfused(model):
+        if not has_unfused_experts(model):
             convert_config(peft_config, model=model, conversions=conversions)
 
     def state_unless_unfused(model: nn.Module, peft_config: Any, adapter_state_dict: Any, **kw: Any) -> Any:
-        if unfused(model):
+        if has_unfused_experts(model):
             return adapter_state_dict
         return convert_state(model=model, peft_config=peft_config, adapter_state_dict=adapter_state_dict, **kw)
 

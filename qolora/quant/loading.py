@@ -14,7 +14,7 @@ from torch import nn
 from ..precision import parse_dtype, resolve_compute_dtype
 from .experts import fused_left, stored_names, stores_experts_per_matrix, unfuse_, unfused_experts_loading
 from .layout import keep_standard_layout_, skip_for_device
-from .source import CheckpointWeights, resolve_model
+from .source import resolve_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -160,22 +160,16 @@ def meta_model(path: str | dict[str, Any], trust_remote_code: bool = False) -> n
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def experts_per_matrix(path: str) -> bool:
-    """Whether the checkpoint in ``path`` stores MoE experts one matrix each (then they load as
-    4-bit layers, ``experts.py``); False for a dense model or a checkpoint without safetensors."""
-    try:
-        return stores_experts_per_matrix(CheckpointWeights(path).keys())
-    except FileNotFoundError:
-        return False
-
-
-def unquantizable(path: str, device: str, trust_remote_code: bool = False) -> tuple[list[str], list[str]]:
-    """(layers bitsandbytes cannot run in 4-bit on ``device``, transformers' default skips)."""
+def unquantizable(
+    path: str, device: str, trust_remote_code: bool = False, experts_per_matrix: bool = False
+) -> tuple[list[str], list[str]]:
+    """(layers bitsandbytes cannot run in 4-bit on ``device``, transformers' default skips).
+    ``experts_per_matrix``: count MoE experts as they then load, one linear layer per matrix."""
     from transformers.quantizers.base import get_keys_to_not_convert
 
     meta = meta_model(path, trust_remote_code)
     names = stored_names(meta)
-    if names is not None and experts_per_matrix(path):  # the experts as they will load: a layer per matrix
+    if names is not None and experts_per_matrix:
         unfuse_(meta, names)
     return skip_for_device(meta, device), get_keys_to_not_convert(meta)
 
@@ -225,7 +219,8 @@ def load_quantized(
     if device_map is None:
         device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
     device = _device_type(device_map)
-    odd, defaults = unquantizable(path, device, trust_remote_code)
+    per_matrix = stores_experts_per_matrix(path)  # MoE experts then load one 4-bit layer per matrix
+    odd, defaults = unquantizable(path, device, trust_remote_code, per_matrix)
     if skip_modules is None:
         skip_modules = odd
         if odd:
@@ -237,7 +232,7 @@ def load_quantized(
                 ", ".join(odd[:6]),
             )
     skipped = sorted(set(defaults) | set(skip_modules))
-    with linear_subclasses_as_linear(), unfused_experts_loading(experts_per_matrix(path)):
+    with linear_subclasses_as_linear(), unfused_experts_loading(per_matrix):
         model = AutoModelForCausalLM.from_pretrained(
             path,
             quantization_config=bnb_config(cdtype, quant_type, double_quant, storage, skip_modules=skipped),

@@ -100,12 +100,10 @@ class CheckpointWeights:
         except (OSError, ValueError):
             return {}
         renames = checkpoint_renames(model_type) if model_type else []
-        out = {}
-        for k in self._key_to_file if renames else ():
-            r = renamed(k, renames)
-            if r != k:
-                out[r] = k
-        return out
+        if not renames:
+            return {}
+        pairs = ((renamed(k, renames), k) for k in self._key_to_file)
+        return {r: k for r, k in pairs if r != k}
 
     def fingerprint(self) -> dict[str, Any]:
         return fingerprint(self.folder)

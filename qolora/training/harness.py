@@ -16,7 +16,7 @@ from torch import nn
 
 from .._io import disk_full_as_one_line
 from ..config import Config, ConfigError, TrainConfig
-from ..quant.experts import UnfusedExperts
+from ..quant.experts import has_unfused_experts
 from . import run_dir
 from .guard import DivergenceGuard, RunState
 from .lr import resolve_lr
@@ -283,7 +283,7 @@ def common_args(
         logging_nan_inf_filter=False,  # a non-finite loss is logged as it is, never averaged away
         disable_tqdm=False,
         # every LoRA weight gets a gradient, but a MoE expert no token of a rank's batch reached gets none
-        ddp_find_unused_parameters=any(isinstance(m, UnfusedExperts) for m in model.modules()),
+        ddp_find_unused_parameters=has_unfused_experts(model),
     )
     return args, extra_metrics
 

@@ -15,7 +15,8 @@ tokens are then the same wherever the logits round to the same argmax.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import contextlib
+import time
 from typing import Any
 
 import torch
@@ -24,14 +25,9 @@ _M32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # the 32-bit integer hash of Mueller (lowbias): x ^= x >> 16; x *= 0x45d9f3b; ...
 
 
-def _mix(x: int) -> int:
-    for _ in range(2):
-        x = (((x >> 16) ^ x) * _MIX) & _M32
-    return ((x >> 16) ^ x) & _M32
-
-
-def _mix_t(x: torch.Tensor) -> torch.Tensor:
-    """``_mix`` elementwise on an int64 tensor of 32-bit values (products stay below 2**63)."""
+def _mix(x: Any) -> Any:
+    """The hash, on a Python int or elementwise on an int64 tensor of 32-bit values (the products
+    stay below 2**63)."""
     for _ in range(2):
         x = (((x >> 16) ^ x) * _MIX) & _M32
     return ((x >> 16) ^ x) & _M32
@@ -45,11 +41,17 @@ def key(*parts: int) -> int:
     return k
 
 
-def gumbel(keys: list[int], vocab: int, device: torch.device | str) -> torch.Tensor:
+def vocab_hash(vocab: int, device: torch.device | str) -> torch.Tensor:
+    """The hash of every vocabulary index, (1, vocab) int64: what ``gumbel`` mixes each key with."""
+    return _mix(torch.arange(vocab, dtype=torch.int64, device=device))[None, :]
+
+
+def gumbel(keys: list[int], vocab: int | torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """Standard Gumbel noise, (len(keys), vocab) in fp32, one row per key: -log(-log(u)), with u the
-    hash of (key, vocabulary index) as a 24-bit uniform in (0, 1)."""
-    k = torch.tensor(keys, dtype=torch.int64, device=device)[:, None]
-    x = _mix_t(k ^ _mix_t(torch.arange(vocab, dtype=torch.int64, device=device))[None, :])
+    hash of (key, vocabulary index) as a 24-bit uniform in (0, 1). ``vocab``: its size, or its
+    ``vocab_hash``."""
+    v = vocab_hash(vocab, device) if isinstance(vocab, int) else vocab
+    x = _mix(torch.tensor(keys, dtype=torch.int64, device=device)[:, None] ^ v)
     u = ((x >> 8).to(torch.float32) + 0.5) / float(1 << 24)
     return -torch.log(-torch.log(u))
 
@@ -67,13 +69,16 @@ class SeededSampler:
         self.row_keys = [key(*where, r) for r in rows]
         self.temperature = temperature
         self.position = 0
+        self.vocab: torch.Tensor | None = None  # vocab_hash, once per generation
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if scores.shape[0] != len(self.row_keys):
             raise RuntimeError(f"seeded sampling: {scores.shape[0]} rows, expected {len(self.row_keys)}")
         keys = [key(k, self.position) for k in self.row_keys]
         self.position += 1
-        noisy = scores.float() / self.temperature + gumbel(keys, scores.shape[-1], scores.device)
+        if self.vocab is None or self.vocab.shape[-1] != scores.shape[-1]:
+            self.vocab = vocab_hash(scores.shape[-1], scores.device)
+        noisy = scores.float() / self.temperature + gumbel(keys, self.vocab, scores.device)
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, noisy.argmax(dim=-1, keepdim=True), 0.0)
 
@@ -93,7 +98,7 @@ def check_sampling_settings(generation_config: Any) -> None:
         raise ValueError(f"seeded sampling applies the temperature only; these are set: {', '.join(on)}")
 
 
-@contextmanager
+@contextlib.contextmanager
 def seeded_generate(model: Any, sampler: SeededSampler):
     """Within the block, ``model.generate`` samples with ``sampler`` (an instance attribute over the
     bound method, removed on exit)."""
@@ -120,27 +125,22 @@ class SeededGeneration:
     seeded = True
 
     def _generate_single_turn(self, prompt_ids, *args: Any, **kwargs: Any):
-        import time
-
         if getattr(self, "use_vllm", False):  # vLLM samples on its own; not seeded here
             return super()._generate_single_turn(prompt_ids, *args, **kwargs)
         mode = "train" if self.model.training else "eval"
-        if not self.seeded:
-            start = time.perf_counter()
-            out = super()._generate_single_turn(prompt_ids, *args, **kwargs)
-            self._metrics[mode]["generation_s"].append(time.perf_counter() - start)
-            return out
-        check_sampling_settings(self.generation_config)
-        done = self.__dict__.setdefault("_seeded_rows", {})  # rows sampled so far, over all ranks, per step
-        at, local = (mode, self.state.global_step), len(prompt_ids)
-        first = done.get(at, 0) + self.accelerator.process_index * local  # the global index of row 0
-        done[at] = done.get(at, 0) + self.accelerator.num_processes * local  # an eval's next batch; a tool turn
-        # an eval draws the same noise at every step: the held-out rewards of two steps are paired
-        where = (self.args.seed, self.state.global_step if mode == "train" else -1, mode == "eval")
-        sampler = SeededSampler(where, list(range(first, first + local)), self.temperature)
-        model = self.accelerator.unwrap_model(self.model_wrapped)
+        sampling = contextlib.nullcontext()
+        if self.seeded:
+            check_sampling_settings(self.generation_config)
+            done = self.__dict__.setdefault("_seeded_rows", {})  # rows sampled so far, over all ranks, per step
+            at, local = (mode, self.state.global_step), len(prompt_ids)
+            first = done.get(at, 0) + self.accelerator.process_index * local  # the global index of row 0
+            done[at] = done.get(at, 0) + self.accelerator.num_processes * local  # an eval's next batch; a tool turn
+            # an eval draws the same noise at every step: the held-out rewards of two steps are paired
+            where = (self.args.seed, self.state.global_step if mode == "train" else -1, mode == "eval")
+            sampler = SeededSampler(where, list(range(first, first + local)), self.temperature)
+            sampling = seeded_generate(self.accelerator.unwrap_model(self.model_wrapped), sampler)
         start = time.perf_counter()
-        with seeded_generate(model, sampler):
+        with sampling:
             out = super()._generate_single_turn(prompt_ids, *args, **kwargs)
         self._metrics[mode]["generation_s"].append(time.perf_counter() - start)
         return out
