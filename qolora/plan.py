@@ -81,12 +81,56 @@ class Held:
     other: int
     experts: int = 0  # of ``other``: 3-D parameters (fused MoE experts QOLoRA cannot load per matrix)
     expert_linears: list[tuple[int, int]] = field(default_factory=list)  # (out, in) of each 4-bit expert matrix
+    moe: MoE | None = None
+    eager_attention: bool = False  # transformers' default for the model is eager (gpt-oss's sinks): T x T probabilities
+
+
+@dataclass
+class MoE:
+    """A MoE model's parameters by role: every expert, the ones a token runs through, the router."""
+
+    num_experts: int  # per MoE layer
+    active_experts: int  # per token and layer (``num_experts_per_tok``)
+    total: int  # every parameter of the model
+    experts: int  # the routed experts' matrices and biases
+    router: int  # the routers' weights (and biases): kept in the compute dtype, not 4-bit
+    one_expert: list[tuple[int, int]]  # (out, in) of one expert's matrices
+    act_saved: int = 3  # tensors of the intermediate width one expert's activation saves (gpt-oss's clamped: 7)
+
+    @property
+    def active(self) -> int:
+        """Parameters one token runs through: all but the experts it is not routed to."""
+        return self.total - self.experts + self.experts * self.active_experts // self.num_experts
+
+    @property
+    def intermediate(self) -> int:
+        """One expert's intermediate width: the in_features of its down projection (out = hidden)."""
+        hidden = self.one_expert[0][1]  # the first matrix reads the hidden state
+        return next(i for o, i in self.one_expert if o == hidden)
+
+    def line(self) -> str:
+        return (
+            f"MoE: {self.num_experts} experts per layer, {self.active_experts} active per token: "
+            f"{self.total / 1e9:.1f}B parameters, {self.active / 1e9:.1f}B active; "
+            f"experts {self.experts / 1e9:.1f}B (4-bit), router {self.router / 1e6:.2f}M (compute dtype); "
+            "expert offload to the CPU is not built"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "num_experts": self.num_experts,
+            "active_experts": self.active_experts,
+            "total_params": self.total,
+            "active_params": self.active,
+            "expert_params": self.experts,
+            "router_params": self.router,
+        }
 
 
 def held_from_config(c: dict[str, Any]) -> Held | None:
     """``Held`` for the config dict ``c``, or None when transformers cannot build it (no ``model_type``,
     or one it does not know): the plan then counts the Llama-style shape alone."""
-    from .quant.experts import stored_names, unfuse_
+    from .quant.experts import InterleavedExpert, UnfusedExperts, stored_names, unfuse_
     from .quant.loading import converted_to_4bit, is_linear, kept_in_full_precision, meta_model
 
     try:
@@ -95,8 +139,7 @@ def held_from_config(c: dict[str, Any]) -> Held | None:
         names = stored_names(model)
     except Exception:  # noqa: BLE001 - no model_type, an unknown or remote-code one: the shape formula stands
         return None
-    if names is not None:  # the experts as QOLoRA loads them: one 4-bit linear layer per stored matrix
-        unfuse_(model, names)
+    unfuse_(model, names)  # the experts as QOLoRA loads them: one 4-bit linear layer per stored matrix
     head = model.get_output_embeddings()
     four, full, types, counted, expert_linears = [], 0, set(), set(), []
     for name, m in model.named_modules():
@@ -118,7 +161,23 @@ def held_from_config(c: dict[str, Any]) -> Held | None:
             seen.add(id(p))
             other += p.numel()
             experts += p.numel() if p.ndim >= 3 else 0
-    return Held(four, full, sorted(types), other, experts, expert_linears)
+    unfused = [m for m in model.modules() if isinstance(m, UnfusedExperts)]
+    moe = None
+    if unfused:
+        routers = [
+            m for n, m in model.named_modules() if "Router" in type(m).__name__ or n.endswith((".gate", ".router"))
+        ]
+        moe = MoE(
+            num_experts=unfused[0].num_experts,
+            active_experts=int(c.get("num_experts_per_tok") or unfused[0].num_experts),
+            total=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+            experts=sum(p.numel() for m in unfused for p in m.parameters()),
+            router=sum(p.numel() for m in routers for p in m.parameters()),
+            one_expert=[tuple(x.weight.shape) for x in unfused[0][0].modules() if is_linear(x)],
+            act_saved=7 if isinstance(unfused[0][0], InterleavedExpert) else 3,
+        )
+    eager = getattr(model.config, "_attn_implementation", None) == "eager"
+    return Held(four, full, sorted(types), other, experts, expert_linears, moe, eager)
 
 
 def nf4_stats_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
@@ -152,6 +211,7 @@ class Plan:
     max_seq_len: int
     gpus: int = 1
     mode: str = "single"  # single | ddp | fsdp | fsdp+offload
+    moe: MoE | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -162,6 +222,7 @@ class Plan:
             "max_seq_len": self.max_seq_len,
             "gpus": self.gpus,
             "mode": self.mode,
+            **({"moe": self.moe.to_json()} if self.moe else {}),
         }
 
     def __str__(self) -> str:
@@ -176,6 +237,8 @@ class Plan:
         ]
         lines += [f"{k:<{w}}  {v / GiB:>8.3f} GiB (per process)" for k, v in cpu.items()]
         lines.append(f"{'fits' if self.fits else 'DOES NOT FIT'}; largest seq-len that fits: {self.max_seq_len}")
+        if self.moe is not None:
+            lines.append(self.moe.line())
         if self.mode.startswith("fsdp"):
             lines.append(
                 "note: a prediction for FSDP-QLoRA (quant storage = compute dtype), as train.distributed: fsdp "
@@ -250,8 +313,16 @@ def components(
     # RMSNorm inputs upcast to fp32; the attention log-sum-exp; and, per LoRA target, its input
     # cast to the fp32 adapter dtype plus x·Aᵀ (r wide). The frozen 4-bit matmuls save no input.
     lora_in = 5 * h + q + i  # in_features of q, k, v, gate, up (h), o (q) and down (i)
-    per_token = dtype_bytes * (q + 2 * kv + 3 * i) + 4 * 2 * h + 4 * s.heads + 4 * (lora_in + 8 * rank)
+    mlp = 3 * i  # gate, up, act(gate)
+    moe = held.moe if held is not None else None
+    if moe is not None:  # each token runs through k experts: each saves its gathered input, its activation's
+        # tensors, its weighted output and its LoRA inputs; the router its logits and softmax (fp32)
+        lora_in = 3 * h + q + moe.active_experts * sum(x for _, x in moe.one_expert)
+        mlp = moe.active_experts * (moe.act_saved * moe.intermediate + 2 * h) + 4 * moe.num_experts
+    per_token = dtype_bytes * (q + 2 * kv + mlp) + 4 * 2 * h + 4 * s.heads + 4 * (lora_in + 8 * rank)
     layer_saved = tokens * per_token
+    if held is not None and held.eager_attention:  # eager attention saves its probabilities: heads x T x T
+        layer_saved += dtype_bytes * batch * s.heads * seq_len * seq_len
     if gradient_checkpointing:
         saved = s.layers * tokens * h * dtype_bytes  # only each layer's input is kept...
         acts = (0 if offload else saved) + layer_saved  # ...plus one layer recomputed in backward
@@ -351,7 +422,8 @@ def plan(
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     gpus, fsdp = kw.get("gpus", 1), kw.get("fsdp", False)
     mode = ("fsdp+offload" if kw.get("fsdp_offload") else "fsdp") if fsdp else ("ddp" if gpus > 1 else "single")
-    return Plan(comp, total, gpu, total <= gpu, lo, gpus, mode)
+    held = kw["held"]
+    return Plan(comp, total, gpu, total <= gpu, lo, gpus, mode, held.moe if held is not None else None)
 
 
 def parse_bytes(text: str | int) -> int:

@@ -63,6 +63,13 @@ FAMILIES: tuple[Family, ...] = (
         note="MoE, 32 experts: each expert matrix 4-bit and adapted",
     ),
     Family(
+        "gpt-oss",
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        {**SHAPE, **KV, "head_dim": 16, "num_local_experts": 8, "num_experts_per_tok": 2},
+        note="MoE, 8 biased experts stored fused: each expert matrix 4-bit and adapted, exported fused",
+    ),
+    Family(
         "GPT-2",
         "GPT2Config",
         "GPT2LMHeadModel",

@@ -112,3 +112,101 @@ def test_all_linear_leaves_out_a_moe_routing_gate() -> None:
     assert "model.layers.0.mlp.shared_expert.up_proj" in targets and "model.layers.0.self_attn.q_proj" in targets
     named = resolved_targets(model, LoraConfig(r=1, target_modules=["shared_expert_gate"])).target_modules
     assert named == {"shared_expert_gate"}  # named explicitly, it is the user's choice
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_dir(tmp_path_factory):
+    """A tiny gpt-oss, its experts, biases and router random (not the zeros/ones of its init)."""
+    d = tmp_path_factory.mktemp("gpt_oss")
+    tok = make_tokenizer()
+    model = build(next(f for f in FAMILIES if f.name == "gpt-oss"), tok)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(4)
+        for n, p in model.named_parameters():
+            if ".mlp." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_gpt_oss_experts_load_as_nf4_of_each_stored_slice_from_the_fused_checkpoint(gpt_oss_dir, monkeypatch) -> None:
+    """gpt-oss stores its experts fused ((E, in, out), biased): each expert matrix loads as a 4-bit
+    layer holding NF4 of its slice, transposed; its bias as stored; no fused copy is made; the
+    checkpoint's per-expert views read the same slices."""
+    from safetensors import safe_open
+
+    from qolora.quant.experts import InterleavedExpert, stores_experts_per_matrix
+
+    fused = []
+    cls = transformers.models.gpt_oss.modeling_gpt_oss.GptOssExperts
+    init = cls.__init__
+
+    def record(self, *a, **k):
+        init(self, *a, **k)
+        fused.append(self)
+
+    monkeypatch.setattr(cls, "__init__", record)
+    assert stores_experts_per_matrix(gpt_oss_dir)
+    model = quant.load_quantized(gpt_oss_dir)
+    assert fused and all(p.device.type == "meta" for m in fused for p in m.parameters())
+    assert not [n for n, p in model.named_parameters() if p.ndim == 3]
+    experts = [m for m in model.modules() if isinstance(m, InterleavedExpert)]
+    assert len(experts) == 2 * 8 and all(quant.is_4bit(m.gate_up_proj) and quant.is_4bit(m.down_proj) for m in experts)
+    ckpt = quant.CheckpointWeights(gpt_oss_dir)
+    with safe_open(str(gpt_oss_dir / "model.safetensors"), framework="pt") as h:
+        for layer, e, name in ((0, 0, "gate_up_proj"), (1, 5, "down_proj"), (1, 7, "gate_up_proj")):
+            module = f"model.layers.{layer}.mlp.experts.{e}.{name}"
+            stored = h.get_tensor(f"model.layers.{layer}.mlp.experts.{name}")[e].T.float()
+            assert torch.equal(ckpt.get(ckpt.find(module, ("model",))), stored)
+            assert ckpt.shape(f"{module}.weight") == tuple(stored.shape)
+            lin = model.get_submodule(module)
+            want = quant.roundtrip(stored.contiguous(), quant.quant_settings(lin))
+            assert torch.equal(quant.dequantize(lin).float(), want.float()), module
+            bias = h.get_tensor(f"model.layers.{layer}.mlp.experts.{name}_bias")[e]
+            assert torch.equal(lin.bias.data.float(), bias.float()) and torch.equal(ckpt.get(f"{module}.bias"), bias)
+    assert ckpt.experts_of("model.layers.1.mlp.experts.down_proj") == [
+        f"model.layers.1.mlp.experts.{e}.down_proj.weight" for e in range(8)
+    ]
+    # parameter bytes: every expert weight is packed 4-bit (half a byte per element)
+    packed = sum(m.weight.numel() for x in experts for m in (x.gate_up_proj, x.down_proj))
+    assert packed * 2 == 2 * 8 * (64 * 256 + 128 * 64)
+
+
+def test_the_gpt_oss_unfused_forward_is_the_fused_forward(gpt_oss_dir) -> None:
+    """fp32, no quantization: one biased layer per expert matrix, the interleaved clamped SwiGLU
+    between them, gives transformers' fused output (the clamp active on some entries)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(gpt_oss_dir, dtype=torch.float32)
+    fused = model.model.layers[0].mlp.experts
+    unfused = UnfusedExperts(fused)
+    with torch.no_grad():
+        for e, expert in enumerate(unfused):
+            expert.gate_up_proj.weight.copy_(fused.gate_up_proj[e].T)
+            expert.gate_up_proj.bias.copy_(fused.gate_up_proj_bias[e])
+            expert.down_proj.weight.copy_(fused.down_proj[e].T)
+            expert.down_proj.bias.copy_(fused.down_proj_bias[e])
+        x = torch.randn(12, 64, generator=torch.Generator().manual_seed(1)) * 60  # past the clamp (7)
+        assert (x @ fused.gate_up_proj[0]).abs().max() > fused.limit
+        idx = torch.randint(0, 8, (12, 2), generator=torch.Generator().manual_seed(2))
+        w = torch.rand(12, 2, generator=torch.Generator().manual_seed(3))
+        want = fused(x, idx, w)
+        assert (unfused(x, idx, w) - want).abs().max() <= 1e-5 * want.abs().max()
+        unfused[3].gate_up_proj.bias.add_(0.5)  # negative control: a wrong expert shows
+        assert (unfused(x, idx, w) - want).abs().max() > 1e-3
+
+
+def test_an_mxfp4_checkpoint_is_refused_in_one_line(gpt_oss_dir, tmp_path) -> None:
+    """gpt-oss's own release stores its experts in MXFP4 (``_blocks``, ``_scales``): no 16-bit weight
+    to quantize or factor. One line says so and names the way out, before any weight loads."""
+    import json
+    import shutil
+
+    d = tmp_path / "mxfp4"
+    shutil.copytree(gpt_oss_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        ValueError, match=r"mxfp4/config.json: the checkpoint is already quantized \(quant_method 'mxfp4'\).*BF16"
+    ):
+        quant.load_quantized(d)

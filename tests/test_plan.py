@@ -19,6 +19,9 @@ from qolora.plan import (
     read_config,
 )
 
+from .conftest import make_tokenizer
+from .model_matrix import FAMILIES, build
+
 
 def _unique_bytes(tensors) -> int:
     seen, total = set(), 0
@@ -126,15 +129,16 @@ def test_shapes_match_meta_device_7b_and_8b() -> None:
     assert nf4_bytes(4096 * 4096) == 4096 * 4096 // 2 + 4096 * 4096 // 64 + 4 * 1024 + 4
 
 
-def test_activation_estimate_matches_saved_tensors_on_cpu(llama_dir) -> None:
-    """Measured: bytes autograd saves for backward, at two lengths (the difference drops the
-    weight-sized tensors that bitsandbytes' CPU path saves), without and with checkpointing."""
+def _saved_growth(model_dir, vocab: int, short: int, long: int) -> int:
+    """Bytes autograd saves for backward in one forward of batch 2 at ``long`` tokens minus at ``short``
+    (the difference drops the weight-sized tensors that bitsandbytes' CPU path saves); bf16, OLoRA r 8
+    on all-linear, no checkpointing."""
     from peft import LoraConfig
 
     import qolora
 
     model = qolora.get_qolora_model(
-        quant.load_quantized(llama_dir, compute_dtype="bfloat16"),
+        quant.load_quantized(model_dir, compute_dtype="bfloat16"),
         LoraConfig(r=8, lora_alpha=8, target_modules="all-linear", init_lora_weights="olora"),
         progress=False,
     )
@@ -147,17 +151,42 @@ def test_activation_estimate_matches_saved_tensors_on_cpu(llama_dir) -> None:
             saved.append(t)
             return t
 
+        ids = torch.randint(3, vocab, (2, T), generator=torch.Generator().manual_seed(T))
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model.base_model.model.model(input_ids=torch.randint(0, 128, (2, T)))
+            model.base_model.model.model(input_ids=ids)
         return _unique_bytes(t for t in saved if t.is_floating_point())
 
-    measured = saved_bytes(64) - saved_bytes(32)
+    return saved_bytes(long) - saved_bytes(short)
+
+
+def test_activation_estimate_matches_saved_tensors_on_cpu(llama_dir) -> None:
+    """Measured: bytes autograd saves for backward, at two lengths."""
+    measured = _saved_growth(llama_dir, 128, 32, 64)
     s = Shape.from_config(read_config(llama_dir))
 
     def est(T: int) -> int:
         return components(s, T, 2, 8, gradient_checkpointing=False)["activations"]
 
     assert 0.85 * measured <= est(64) - est(32) <= 1.15 * measured, (est(64) - est(32), measured)
+
+
+@pytest.mark.parametrize("family", ["Mixtral", "Qwen3-MoE", "gpt-oss"])
+def test_moe_activation_estimate_matches_saved_tensors_on_cpu(family, tmp_path) -> None:
+    """The MoE activation line: each token's k experts save their gathered input, activation and
+    output and LoRA inputs, the router its softmax; gpt-oss's eager attention (its sinks) saves
+    heads x T x T probabilities. Measured as above, at 128 and 256 tokens; the dense formula misses
+    by 1.7-2.7x here."""
+    tok = make_tokenizer()
+    build(next(f for f in FAMILIES if f.name == family), tok).save_pretrained(tmp_path)
+    measured = _saved_growth(tmp_path, len(tok), 128, 256)
+    cfg = read_config(tmp_path)
+    s, held = Shape.from_config(cfg), held_from_config(cfg)
+
+    def est(T: int, h=held) -> int:
+        return components(s, T, 2, 8, gradient_checkpointing=False, held=h)["activations"]
+
+    assert 0.85 * measured <= est(256) - est(128) <= 1.15 * measured, (est(256) - est(128), measured)
+    assert est(256, None) - est(128, None) < 0.85 * measured  # negative control: a dense MLP's count
 
 
 def test_plan_fit_search_and_json(llama_dir, capsys) -> None:
@@ -242,12 +271,12 @@ def test_several_gpus_bad_flags_are_one_line(llama_dir, capsys) -> None:
     assert out["mode"] == "fsdp+offload" and out["gpus"] == 2 and out["cpu_bytes"] > 0
 
 
-@pytest.mark.parametrize("family", ["Qwen2", "Gemma2", "Phi3", "Mixtral", "Qwen3-MoE"])
+@pytest.mark.parametrize("family", ["Qwen2", "Gemma2", "Phi3", "Mixtral", "Qwen3-MoE", "gpt-oss"])
 def test_weight_lines_are_what_a_real_4bit_model_of_the_family_holds(family, tmp_path) -> None:
     """Counted from the model's own modules (biases, tied embeddings, fused layers), not a Llama shape."""
     import transformers
 
-    from .model_matrix import FAMILIES, config
+    from .model_matrix import config
 
     fam = next(f for f in FAMILIES if f.name == family)
     getattr(transformers, fam.model)(config(fam)).save_pretrained(tmp_path)
@@ -281,10 +310,17 @@ def test_moe_experts_count_as_4bit_expert_matrices() -> None:
     assert 22 * 2**30 < weights < 22.5 * 2**30 and "fused MoE experts (unquantized: not 4-bit yet)" not in p.components
     per_expert_matrix = 16 * (4096 + 14336) * 4
     assert p.components["adapters (fp32)"] > 32 * 8 * 3 * per_expert_matrix
+    assert (round(held.moe.total / 1e9, 1), round(held.moe.active / 1e9, 1)) == (46.7, 12.9)  # Mistral's card
     gpt_oss = dict(
-        model_type="gpt_oss", hidden_size=2880, intermediate_size=2880, num_hidden_layers=2, num_attention_heads=64,
-        num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4, vocab_size=2048,
+        model_type="gpt_oss", hidden_size=2880, intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64,
+        num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4, vocab_size=201088,
     )  # fmt: skip
-    held = held_from_config(gpt_oss)  # biased, clamped experts stored fused: not loaded per matrix yet
-    assert held is not None and held.experts > 0 and not held.expert_linears
+    held = held_from_config(gpt_oss)  # biased experts stored fused: loaded one 4-bit layer per expert matrix too
+    assert held is not None and held.experts == 0 and len(held.expert_linears) == 24 * 32 * 2
+    moe = held.moe
+    assert moe.one_expert == [(5760, 2880), (2880, 2880)] and moe.intermediate == 2880 and moe.router == 24 * 32 * 2881
+    # OpenAI's card: 20.9B parameters, 3.6B active without the input embedding (a lookup)
+    assert round(moe.total / 1e9, 1) == 20.9 and round((moe.active - 201088 * 2880) / 1e9, 1) == 3.6
+    p = plan(gpt_oss, 2048, 1, 8, "24GiB")
+    assert p.to_json()["moe"]["active_params"] == moe.active and "4 active per token" in str(p)
     assert held_from_config({"hidden_size": 64}) is None  # no model_type: the shape formula stands

@@ -120,6 +120,11 @@ def merged_weight(parts: AdapterDir, name: str, W: torch.Tensor, mode: str, devi
     return W.addmm_(B.to(torch.float32), A.to(torch.float32), alpha=s)
 
 
+def _as_stored(ckpt: quant.CheckpointWeights, key: str, W: torch.Tensor) -> torch.Tensor:
+    """A per-expert view's tensor back in its stored orientation."""
+    return W.T if ckpt.views[key][2] else W
+
+
 def _quant_device(parts: AdapterDir) -> str:
     recorded = (parts.meta.quant or {}).get("device", "cpu")
     if recorded == "cuda" and not torch.cuda.is_available():
@@ -166,7 +171,8 @@ def export_merged(
     settings = quant.QuantSettings.from_dict(parts.meta.quant) if parts.meta.quant else None
     with atomic_dir(out) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
-        for key in tqdm(ckpt.keys(), desc=f"export {mode}", unit="tensor", disable=not progress):
+
+        def merged(key: str) -> torch.Tensor:
             exact = key in targets or (mode == "trained" and key in quantized and settings is not None)
             W = ckpt.get(key, device=device, dtype=torch.float32 if exact else None)  # copies: no fp32 detour
             if key in targets:
@@ -176,8 +182,14 @@ def export_merged(
                 W = W.T if flip else W
             elif mode == "trained" and key in quantized and settings is not None:
                 W = quant.roundtrip(W, settings)
-            writer.add(key, W.to(device="cpu", dtype=out_dtype))
-            del W
+            return W.to(device="cpu", dtype=out_dtype)
+
+        for key in tqdm(ckpt.keys(), desc=f"export {mode}", unit="tensor", disable=not progress):
+            experts = ckpt.experts_of(key)
+            if experts:  # fused as the checkpoint stores them, from each expert's merged matrix
+                writer.add(key, torch.stack([_as_stored(ckpt, k, merged(k)) for k in experts]))
+            else:
+                writer.add(key, merged(key))
         writer.finish()
         _write_side_files(parts, tmp, out_dtype, mode)
     result = ExportResult(out, time.perf_counter() - t0, writer.total, peak_rss_bytes(), len(ckpt.keys()), len(targets))

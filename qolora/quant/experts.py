@@ -16,6 +16,15 @@ checkpoints store the experts one matrix each (``experts.E.w1`` / ``w3`` / ``w2`
   ``block_sparse_moe`` -> ``mlp`` stay), so each stored matrix loads into its own layer, one at a
   time, and is quantized as it arrives: no 16-bit copy of the experts is ever held.
 
+gpt-oss checkpoints store their experts fused, as its model holds them: ``experts.gate_up_proj``
+(experts x hidden x 2·intermediate, the gate and up columns interleaved), ``experts.down_proj``
+(experts x intermediate x hidden), each with a bias, and a clamped SwiGLU between them. Those
+load as one biased ``nn.Linear`` per expert matrix too (``InterleavedExpert``): converters added to
+the conversion mapping (``SplitExperts``) cut each fused tensor into its experts, transposed to
+(out, in), as it is read, and each is quantized as it arrives. ``CheckpointWeights`` shows the same
+per-expert views of the stored tensors (``expert_views``) to the factored inits, and the merged
+export writes the experts fused again, as the checkpoint stores them.
+
 The forward is transformers' own loop over the experts a batch hits, each expert's matrices
 running as 4-bit matmuls: one expert's weights are dequantized at a time. Every step of QOLoRA
 that works on linear layers (the factored inits from the checkpoint, reload, digests, the merged
@@ -25,6 +34,7 @@ export, which streams the checkpoint's keys) then works on the experts unchanged
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 from collections.abc import Iterator
@@ -53,17 +63,51 @@ class Expert(nn.Module):
         return down(act_fn(gate(x)) * up(x))
 
 
+def clamped_swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's activation (``GptOssExperts._apply_gate``): gate and up interleaved in one output,
+    both clamped, ``(up + 1) · gate · sigmoid(alpha · gate)``."""
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    gate = gate.clamp(min=None, max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+class InterleavedExpert(nn.Module):
+    """One gpt-oss expert: ``gate_up_proj`` (hidden -> 2·intermediate, gate and up interleaved) and
+    ``down_proj``, both biased, named as the checkpoint's fused tensors."""
+
+    names = ("gate_up_proj", "down_proj")
+
+    def __init__(self, hidden: int, intermediate: int, **like: Any) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=True, **like)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=True, **like)
+
+    def forward(self, x: torch.Tensor, act_fn: Any) -> torch.Tensor:
+        return self.down_proj(act_fn(self.gate_up_proj(x)))
+
+
 class UnfusedExperts(nn.ModuleList):
-    """A fused experts module (Mixtral's, Qwen-MoE's) as one ``Expert`` per expert; the same
+    """A fused experts module as one expert module per expert: ``Expert`` (Mixtral's, Qwen-MoE's,
+    named by ``names``) or, for gpt-oss's biased, clamped experts, ``InterleavedExpert``. The same
     forward as transformers': each expert a batch hits, on its tokens, weighted by the router."""
 
-    def __init__(self, fused: nn.Module, names: tuple[str, str, str]) -> None:
+    def __init__(self, fused: nn.Module, names: tuple[str, str, str] | None = None) -> None:
         w = fused.gate_up_proj
-        num, two_i, hidden = w.shape
-        # on the fused parameter's device and dtype: on the meta model, nothing is allocated
-        super().__init__(Expert(names, hidden, two_i // 2, device=w.device, dtype=w.dtype) for _ in range(num))
+        like = {"device": w.device, "dtype": w.dtype}  # the meta model's: nothing is allocated
+        if is_interleaved_experts(fused):
+            num, hidden, two_i = w.shape  # stored (in, out)
+            experts: list[nn.Module] = [InterleavedExpert(hidden, two_i // 2, **like) for _ in range(num)]
+            act: Any = functools.partial(clamped_swiglu, alpha=float(fused.alpha), limit=float(fused.limit))
+        else:
+            if names is None:
+                raise ValueError(f"{type(fused).__name__}: the checkpoint's names of its expert matrices are unknown")
+            num, two_i, hidden = w.shape
+            experts = [Expert(names, hidden, two_i // 2, **like) for _ in range(num)]
+            act = fused.act_fn
+        super().__init__(experts)
         self.num_experts = num
-        self.__dict__["act_fn"] = fused.act_fn  # no parameters; not a child, so the list holds experts only
+        self.__dict__["act_fn"] = act  # no parameters; not a child, so the list holds experts only
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         final = torch.zeros_like(hidden_states)
@@ -91,6 +135,20 @@ def is_fused_experts(m: nn.Module) -> bool:
         len(_fused_params(m)) == len(FUSED)
         and hasattr(m, "act_fn")
         and not any(n.endswith("_bias") for n, _ in m.named_parameters(recurse=False))  # gpt-oss's: biased, clamped
+    )
+
+
+INTERLEAVED = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+
+
+def is_interleaved_experts(m: nn.Module) -> bool:
+    """gpt-oss's fused experts: biased, (in, out) per expert, gate and up interleaved, clamped SwiGLU."""
+    own = dict(m.named_parameters(recurse=False))
+    return (
+        all(n in own for n in INTERLEAVED)
+        and own["gate_up_proj"].ndim == 3
+        and hasattr(m, "alpha")
+        and hasattr(m, "limit")
     )
 
 
@@ -127,11 +185,12 @@ def stored_names(model: nn.Module) -> tuple[str, str, str] | None:
     return (gate_up[0], gate_up[1], down[0]) if gate_up and down else None
 
 
-def unfuse_(model: nn.Module, names: tuple[str, str, str]) -> list[str]:
-    """Replace every fused experts module of ``model`` by ``UnfusedExperts``, in place; their names."""
+def unfuse_(model: nn.Module, names: tuple[str, str, str] | None) -> list[str]:
+    """Replace every fused experts module of ``model`` by ``UnfusedExperts``, in place (gated ones
+    when the checkpoint's ``names`` of their matrices are known, gpt-oss's always); their names."""
     done = []
     for name, m in list(model.named_modules()):
-        if is_fused_experts(m):
+        if (names is not None and is_fused_experts(m)) or is_interleaved_experts(m):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, UnfusedExperts(m, names))
             done.append(name)
@@ -143,17 +202,119 @@ def _is_fusing(t: Any) -> bool:
 
 
 PER_MATRIX = re.compile(r"\.experts\.\d+\.\w+\.weight$")
+STORED_INTERLEAVED = re.compile(r"^(?P<experts>.*\.experts)\.(?P<name>gate_up_proj|down_proj)(?P<bias>_bias)?$")
 
 
 def stores_experts_per_matrix(path: str | os.PathLike[str]) -> bool:
-    """Whether the checkpoint in ``path`` holds MoE experts one matrix each (``...experts.3.w1.weight``):
-    then they load as 4-bit layers. False for a dense model or a checkpoint without safetensors."""
+    """Whether the checkpoint in ``path`` holds MoE experts that load one 4-bit layer per matrix:
+    stored one matrix each (``...experts.3.w1.weight``), or fused the gpt-oss way (16-bit, biased:
+    ``...experts.gate_up_proj`` and ``..._bias``; not MXFP4's ``_blocks``). False for a dense model,
+    a checkpoint without safetensors, or experts stored fused without biases (they load as stored)."""
     from .source import CheckpointWeights
 
     try:
-        return any(PER_MATRIX.search(k) for k in CheckpointWeights(path).keys())
+        keys = CheckpointWeights(path).keys()
     except FileNotFoundError:
         return False
+    return any(PER_MATRIX.search(k) for k in keys) or bool(interleaved_stores(keys))
+
+
+def interleaved_stores(keys: list[str]) -> list[str]:
+    """The ``...experts`` prefixes of ``keys`` that store gpt-oss experts fused in 16 bits: all four
+    tensors (``gate_up_proj``, ``down_proj`` and their biases) present."""
+    found: dict[str, set[str]] = {}
+    for k in keys:
+        m = STORED_INTERLEAVED.match(k)
+        if m:
+            found.setdefault(m["experts"], set()).add(m["name"] + (m["bias"] or ""))
+    return sorted(p for p, names in found.items() if names == set(INTERLEAVED))
+
+
+def expert_views(keys: list[str], shape: Any) -> dict[str, tuple[str, int, bool]]:
+    """{per-expert key: (stored key, expert, transposed)} for the gpt-oss experts stored fused in
+    ``keys``: ``experts.E.gate_up_proj.weight`` is ``experts.gate_up_proj[E]`` transposed to (out, in),
+    ``experts.E.gate_up_proj.bias`` is ``experts.gate_up_proj_bias[E]``. ``shape(key)``: a stored shape."""
+    views: dict[str, tuple[str, int, bool]] = {}
+    for prefix in interleaved_stores(keys):
+        for name in InterleavedExpert.names:
+            for suffix, stored in (("weight", f"{prefix}.{name}"), ("bias", f"{prefix}.{name}_bias")):
+                for e in range(shape(stored)[0]):
+                    views[f"{prefix}.{e}.{name}.{suffix}"] = (stored, e, suffix == "weight")
+    return views
+
+
+class SplitExperts:
+    """A conversion op (transformers' ``ConversionOps`` interface) that cuts one fused tensor into
+    its experts, ``target_patterns[e]`` each, transposed to (out, in) for weights, and makes each
+    weight a 4-bit parameter as transformers' bitsandbytes op does (``Params4bit`` with the model's
+    settings, quantized on its device). transformers 5.3's op quantizes one tensor per converter,
+    so ``SplitConverter`` takes none and this op quantizes them all."""
+
+    supports_many_to_many = False
+
+    def __init__(self, transposed: bool) -> None:
+        self.transposed = transposed
+
+    @torch.no_grad()
+    def convert(
+        self,
+        input_dict: dict[str, Any],
+        source_patterns: list[str],
+        target_patterns: list[str],
+        model: nn.Module | None = None,
+        full_layer_name: str | None = None,
+        **_: Any,
+    ) -> dict[str, Any]:
+        (t,) = input_dict.values()
+        t = t[0] if isinstance(t, list) else t
+        if t.shape[0] != len(target_patterns):
+            raise ValueError(f"{source_patterns[0]}: {t.shape[0]} experts stored, the model has {len(target_patterns)}")
+        prefix = (full_layer_name or "").partition(target_patterns[0])[0]
+        out = {}
+        for e, key in enumerate(target_patterns):
+            value = (t[e].T if self.transposed else t[e]).contiguous()
+            out[key] = _as_4bit(model, prefix + key, value) if model is not None else value
+        return out
+
+
+def _as_4bit(model: nn.Module, name: str, value: torch.Tensor) -> Any:
+    """``value`` as the parameter ``name`` of ``model`` holds it: quantized if that is a ``Params4bit``."""
+    import bitsandbytes as bnb
+
+    module_name, _, param_name = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = getattr(module, param_name)
+    if not isinstance(old, bnb.nn.Params4bit):
+        return value
+    module._is_hf_initialized = True
+    return bnb.nn.Params4bit(value, requires_grad=False, **old.__dict__).to(value.device)
+
+
+def split_converters(model: nn.Module) -> list[Any]:
+    """The converters that load gpt-oss's fused experts into ``model``'s ``InterleavedExpert`` layers."""
+    from transformers.core_model_loading import WeightConverter
+
+    class SplitConverter(WeightConverter):
+        """A converter transformers attaches no quantization op to (``SplitExperts`` quantizes)."""
+
+        @property
+        def quantization_operation(self) -> None:
+            return None
+
+        @quantization_operation.setter
+        def quantization_operation(self, _: Any) -> None:
+            pass
+
+    nums = {len(m) for m in model.modules() if isinstance(m, UnfusedExperts) and isinstance(m[0], InterleavedExpert)}
+    out = []
+    for num in sorted(nums):
+        for name in InterleavedExpert.names:
+            for suffix, stored in (("weight", name), ("bias", f"{name}_bias")):
+                targets = [f".experts.{e}.{name}.{suffix}" for e in range(num)]
+                out.append(
+                    SplitConverter(rf".experts.{stored}$", targets, operations=[SplitExperts(suffix == "weight")])
+                )
+    return out
 
 
 def fused_left(model: nn.Module) -> list[tuple[str, int]]:
@@ -180,15 +341,14 @@ def unfused_experts_loading(enabled: bool = True) -> Iterator[None]:
     before, mapping = Bnb4BitHfQuantizer._process_model_before_weight_loading, mu.get_model_conversion_mapping
 
     def before_weight_loading(self: Any, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        names = stored_names(model)
-        if names is not None and unfuse_(model, names):
+        if unfuse_(model, stored_names(model)):
             keep_peft_from_refusing_experts()
         return before(self, model, *args, **kwargs)
 
     def conversion_mapping(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
         transforms = mapping(model, *args, **kwargs)
         if has_unfused_experts(model):
-            transforms = [t for t in transforms if not _is_fusing(t)]
+            transforms = split_converters(model) + [t for t in transforms if not _is_fusing(t)]
         return transforms
 
     Bnb4BitHfQuantizer._process_model_before_weight_loading = before_weight_loading

@@ -174,6 +174,21 @@ def unquantizable(
     return skip_for_device(meta, device), get_keys_to_not_convert(meta)
 
 
+def refuse_prequantized(path: str) -> None:
+    """One line for a checkpoint another method quantized (gpt-oss's MXFP4 experts, GPTQ, AWQ, FP8):
+    QOLoRA quantizes the 16-bit weights itself, and its inits read them from the checkpoint."""
+    from transformers import PretrainedConfig
+
+    q = PretrainedConfig.get_config_dict(path)[0].get("quantization_config") or {}
+    method = q.get("quant_method") if isinstance(q, dict) else None
+    if method and method != "bitsandbytes":
+        raise ValueError(
+            f"{path}/config.json: the checkpoint is already quantized (quant_method {method!r}); QOLoRA quantizes "
+            "16-bit weights itself: use the model's bf16 or fp16 release (for gpt-oss, a dequantized copy such as "
+            "unsloth/gpt-oss-20b-BF16)"
+        )
+
+
 def load_quantized(
     path_or_id: str | os.PathLike[str],
     *,
@@ -219,6 +234,7 @@ def load_quantized(
     if device_map is None:
         device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
     device = _device_type(device_map)
+    refuse_prequantized(path)
     per_matrix = stores_experts_per_matrix(path)  # MoE experts then load one 4-bit layer per matrix
     odd, defaults = unquantizable(path, device, trust_remote_code, per_matrix)
     if skip_modules is None:

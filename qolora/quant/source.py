@@ -51,24 +51,58 @@ class CheckpointWeights:
                     self._key_to_file[key] = f
 
     def __contains__(self, key: str) -> bool:
-        return key in self._key_to_file
+        return key in self._key_to_file or key in self.views
 
     def keys(self) -> list[str]:
+        """The stored keys (not the per-expert ``views``)."""
         return list(self._key_to_file)
 
     def shape(self, key: str) -> tuple[int, ...]:
+        if key in self.views:
+            stored, _, transposed = self.views[key]
+            inner = self._stored_shape(stored)[1:]
+            return inner[::-1] if transposed else inner
+        return self._stored_shape(key)
+
+    def _stored_shape(self, key: str) -> tuple[int, ...]:
         with safe_open(str(self._key_to_file[key]), framework="pt") as h:
             return tuple(h.get_slice(key).get_shape())
 
     def get(
         self, key: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32
     ) -> torch.Tensor:
-        """One tensor on ``device``, as ``dtype`` (float32 by default; None keeps the stored dtype)."""
-        if key not in self._key_to_file:
+        """One tensor on ``device``, as ``dtype`` (float32 by default; None keeps the stored dtype).
+        A per-expert view reads its expert's slice of the stored tensor only."""
+        view = self.views.get(key)
+        stored = view[0] if view else key
+        if stored not in self._key_to_file:
             raise KeyError(f"{self.folder}: tensor {key!r} is not in the checkpoint")
-        with safe_open(str(self._key_to_file[key]), framework="pt", device="cpu") as h:
-            t = h.get_tensor(key)
+        with safe_open(str(self._key_to_file[stored]), framework="pt", device="cpu") as h:
+            if view is None:
+                t = h.get_tensor(key)
+            else:
+                t = h.get_slice(stored)[view[1]]
+                t = t.T.contiguous() if view[2] else t
         return t.to(device=device, dtype=dtype or t.dtype)
+
+    @functools.cached_property
+    def views(self) -> dict[str, tuple[str, int, bool]]:
+        """{per-expert key: (stored key, expert, transposed)} for MoE experts stored fused the gpt-oss
+        way, which load one linear layer per expert matrix (``experts.expert_views``)."""
+        from .experts import expert_views
+
+        return expert_views(self.keys(), self._stored_shape)
+
+    def experts_of(self, key: str) -> list[str]:
+        """The per-expert views of a stored fused key, in expert order; [] for any other key."""
+        return self._experts.get(key, [])
+
+    @functools.cached_property
+    def _experts(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for k, (stored, _, _) in self.views.items():  # in expert order
+            out.setdefault(stored, []).append(k)
+        return out
 
     def find(self, module_name: str, prefixes: tuple[str, ...] = ()) -> str | None:
         """The checkpoint key of ``module_name``'s weight, or None.
@@ -87,6 +121,8 @@ class CheckpointWeights:
         found = next((c for c in candidates if c in self._key_to_file), None)
         if found is None:  # a key transformers renames while loading (Mixtral's block_sparse_moe -> mlp)
             found = next((self.renamed[c] for c in candidates if c in self.renamed), None)
+        if found is None:  # one expert's matrix of experts stored fused (gpt-oss)
+            found = next((c for c in candidates if c in self.views), None)
         return found
 
     @functools.cached_property
