@@ -1,7 +1,9 @@
 """MoE experts in 4-bit (``quant/experts.py``) against transformers' fused 16/32-bit experts: the
 bytes the experts take, and the time of one forward and backward, side by side in one process.
 
-A random Mixtral (hidden 512, expert intermediate 1024, 4 layers, 8 experts, top 2) is saved once.
+A random Mixtral, or with ``--family gpt-oss`` a random gpt-oss (biased experts stored fused, clamped
+SwiGLU, eager attention), of hidden 512, expert intermediate 1024, 4 layers, 8 experts, top 2, is
+saved once.
 Every variant trains LoRA on the attention projections (r 16) over 2 x 256 tokens:
 - ``fused fp32``: transformers' model in fp32, experts fused and frozen (what loads without QOLoRA,
   in this CPU's fast dtype; on a GPU they would be bf16, half these bytes);
@@ -9,11 +11,12 @@ Every variant trains LoRA on the attention projections (r 16) over 2 x 256 token
 - ``4-bit experts + LoRA on experts``: the same, with all-linear adapters (attention and every expert).
 Medians of 5 steps after 2 warm-up steps, the variants interleaved; fp32 compute on the CPU.
 
-    python benchmarks/moe.py
+    python benchmarks/moe.py [--family gpt-oss]
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -25,19 +28,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 ROOT = Path("runs/moe-bench")
+SHAPE = dict(
+    vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+    num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
+)  # fmt: skip
+FAMILIES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {}),
+    "gpt-oss": ("GptOssConfig", "GptOssForCausalLM", {"head_dim": 64}),
+}
 
 
-def model_dir() -> Path:
-    d = ROOT / "model"
+def model_dir(family: str) -> Path:
+    import transformers
+
+    d = ROOT / family / "model"
     if not (d / "config.json").is_file():
-        from transformers import MixtralConfig, MixtralForCausalLM
-
-        cfg = MixtralConfig(
-            vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
-            num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
-        )  # fmt: skip
+        config, model, extra = FAMILIES[family]
         torch.manual_seed(0)
-        MixtralForCausalLM(cfg).save_pretrained(d)
+        getattr(transformers, model)(getattr(transformers, config)(**SHAPE, **extra)).save_pretrained(d)
     return d
 
 
@@ -84,8 +92,11 @@ def step(model: torch.nn.Module, ids: torch.Tensor) -> float:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="mixtral")
+    family = ap.parse_args().family
     torch.manual_seed(0)
-    models = variants(model_dir())
+    models = variants(model_dir(family))
     ids = torch.randint(3, 1000, (2, 256), generator=torch.Generator().manual_seed(1))
     for m in models.values():
         m.train()
@@ -96,12 +107,17 @@ def main() -> None:
         for k, m in models.items():
             times[k].append(step(m, ids))
     base = statistics.median(times["fused fp32 experts, LoRA on attention"])
-    print(_common.row("variant", "expert weights MiB", "fwd+bwd ms (median of 5)", "vs fused fp32", "machine", "date"))
-    print(_common.row(*["---"] * 6))
+    print(
+        _common.row(
+            "model", "variant", "expert weights MiB", "fwd+bwd ms (median of 5)", "vs fused fp32", "machine", "date"
+        )
+    )
+    print(_common.row(*["---"] * 7))
     for k, m in models.items():
         med = statistics.median(times[k])
         print(
             _common.row(
+                family,
                 k,
                 f"{expert_bytes(m) / 2**20:.1f}",
                 f"{med * 1000:.0f}",

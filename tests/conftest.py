@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,75 @@ def make_bpe_tokenizer():
 def bpe_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama with a BPE tokenizer and a chat template: what GGUF export needs."""
     return _save_tiny_llama(tmp_path_factory.mktemp("bpe_model"), make_bpe_tokenizer(), 99)
+
+
+# A training run that kill -9s itself right after saving checkpoint-4 (argv[1]: its config).
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from transformers import TrainerCallback
+    import qolora.training.run as run
+    from qolora.config import load_config
+
+    class KillAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == 4:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    build = run.build_trainer
+    def build_with_kill(*a, **k):
+        trainer = build(*a, **k)
+        trainer.add_callback(KillAfterSave())
+        return trainer
+    run.build_trainer = build_with_kill
+    run.train(load_config(sys.argv[1]))
+""")
+
+
+def killed_after_checkpoint_4(cfg, kill_dir, killer: str = KILLER) -> None:
+    """Run ``cfg`` in a subprocess (``killer``) that kill -9s itself right after saving checkpoint-4."""
+    import subprocess
+    import sys
+
+    from qolora.config import dump_config
+
+    dump_config(cfg, kill_dir / "cfg.yaml")
+    (kill_dir / "killer.py").write_text(killer)
+    proc = subprocess.run(
+        [sys.executable, str(kill_dir / "killer.py"), str(kill_dir / "cfg.yaml")],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (kill_dir / "run" / "checkpoint-4").is_dir() and not (kill_dir / "run" / "adapter").exists()
+
+
+def assert_resume_after_kill_9_is_exact(model_dir, tmp_path, monkeypatch) -> dict:
+    """Train 7 steps; train again, killed with kill -9 after checkpoint-4, then ``resume``: steps 5-7
+    run (continued, not restarted) and every logged loss equals the uninterrupted run's. Returns the
+    uninterrupted run's metrics."""
+    from transformers import TrainerCallback
+
+    from qolora.training import train
+
+    ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
+    ref_dir.mkdir()
+    kill_dir.mkdir()
+    train(tiny_train_config(model_dir, ref_dir, max_steps=7))
+    metrics = json.loads((ref_dir / "run" / "metrics.json").read_text())
+    cfg = tiny_train_config(model_dir, kill_dir, max_steps=7)
+    killed_after_checkpoint_4(cfg, kill_dir)
+    steps_run = []
+
+    class Count(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            steps_run.append(state.global_step)
+
+    add_trainer_callback(monkeypatch, Count())
+    train(cfg, resume=True)
+    assert steps_run == [5, 6, 7]  # continued, not restarted
+    got = json.loads((kill_dir / "run" / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in got] == list(range(1, 8))
+    assert [h["loss"] for h in got] == [h["loss"] for h in metrics["history"]]
+    return metrics

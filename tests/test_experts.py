@@ -210,3 +210,60 @@ def test_an_mxfp4_checkpoint_is_refused_in_one_line(gpt_oss_dir, tmp_path) -> No
         ValueError, match=r"mxfp4/config.json: the checkpoint is already quantized \(quant_method 'mxfp4'\).*BF16"
     ):
         quant.load_quantized(d)
+
+
+def test_a_moe_run_resumes_after_kill_9_with_the_uninterrupted_losses(gpt_oss_dir, tmp_path, monkeypatch) -> None:
+    """kill -9 right after checkpoint-4 of a gpt-oss run (every expert matrix 4-bit and adapted), then
+    ``--resume``: steps 5-7 run, and every logged loss equals the uninterrupted run's."""
+    from .conftest import assert_resume_after_kill_9_is_exact
+
+    metrics = assert_resume_after_kill_9_is_exact(gpt_oss_dir, tmp_path, monkeypatch)
+    assert sum(".experts." in x["name"] for x in metrics["init_report"]["layers"]) == 2 * 8 * 2  # all adapted
+
+
+@pytest.mark.parametrize("family", ["Mixtral", "gpt-oss"])
+def test_the_portable_lora_targets_the_stock_fused_experts_exactly(family, tmp_path) -> None:
+    """``qolora export lora`` of a MoE adapter loads with plain PEFT on stock transformers (fused
+    experts: PEFT's target_parameters) and equals the original-base merge (fp32). Before, PEFT matched
+    none of the per-expert layer names and dropped the experts' adapters without a word."""
+    import json
+
+    from peft import LoraConfig, PeftModel
+    from safetensors.torch import load_file, save_file
+
+    import qolora
+
+    tok = make_tokenizer()
+    build(next(f for f in FAMILIES if f.name == family), tok).save_pretrained(tmp_path / "m")
+    model = qolora.get_qolora_model(
+        quant.load_quantized(tmp_path / "m"),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="olora"),
+        progress=False,
+    )
+    with torch.no_grad():  # a trained adapter: B moved off its initial factor
+        g = torch.Generator().manual_seed(0)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    qolora.save_adapter(model, tmp_path / "a")
+    qolora.export_lora(tmp_path / "a", tmp_path / "lora")
+    qolora.export_merged(tmp_path / "a", tmp_path / "merged", mode="original", dtype="float32", progress=False)
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert len(cfg["target_parameters"]) == 2 * 2 and all(".experts." not in m for m in cfg["target_modules"])
+
+    def logits(model_or_path, lora=None) -> torch.Tensor:
+        m = transformers.AutoModelForCausalLM.from_pretrained(model_or_path, dtype=torch.float32)
+        m = PeftModel.from_pretrained(m, lora) if lora else m
+        ids = torch.randint(3, len(tok), (1, 24), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            return m(ids).logits
+
+    want = logits(tmp_path / "merged")
+    assert (logits(tmp_path / "m", tmp_path / "lora") - want).abs().max() < 1e-5
+    # negative control: without the experts' tensors the adapter misses the merge
+    kept = {k: v for k, v in load_file(tmp_path / "lora" / "adapter_model.safetensors").items() if ".experts." not in k}
+    (tmp_path / "attn").mkdir()
+    save_file(kept, str(tmp_path / "attn" / "adapter_model.safetensors"))
+    cfg.pop("target_parameters")
+    (tmp_path / "attn" / "adapter_config.json").write_text(json.dumps(cfg))
+    assert (logits(tmp_path / "m", tmp_path / "attn") - want).abs().max() > 1e-3

@@ -6,15 +6,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import TrainerCallback
 
 from qolora.adapters import get_qolora_model, load_adapter
-from qolora.config import dump_config
 from qolora.training import run_dir
 from qolora.training.data import DataError, load_rows
 from qolora.training.guard import DivergedError, DivergenceGuard
@@ -27,8 +24,8 @@ from qolora.training.run import load_base, lora_config, train
 from qolora.training.tokenize import Encoder
 from qolora.training.trainer import prepare_for_training_
 
-from .conftest import add_trainer_callback, child_env, make_tokenizer, tiny_train_config
-from .test_train import KILLER as TRAIN_KILLER
+from .conftest import KILLER as TRAIN_KILLER
+from .conftest import add_trainer_callback, killed_after_checkpoint_4, make_tokenizer, tiny_train_config
 
 WORDS = ["hello", "hi", "good", "fine", "thanks", "yes", "no", "python", "code", "model"]
 
@@ -186,21 +183,6 @@ def test_every_method_trains_and_records_its_rewards_and_reloads_exactly(
 KILLER = TRAIN_KILLER.replace("build_trainer", "build_preference_trainer")  # kill -9 after checkpoint-4
 
 
-def killed_after_checkpoint_4(cfg, kill_dir) -> None:
-    """Run ``cfg`` in a subprocess that kill -9s itself right after saving checkpoint-4."""
-    dump_config(cfg, kill_dir / "cfg.yaml")
-    (kill_dir / "killer.py").write_text(KILLER)
-    proc = subprocess.run(
-        [sys.executable, str(kill_dir / "killer.py"), str(kill_dir / "cfg.yaml")],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == -9, proc.stderr[-2000:]
-    assert (kill_dir / "run" / "checkpoint-4").is_dir() and not (kill_dir / "run" / "adapter").exists()
-
-
 @pytest.mark.parametrize("method", ["dpo", "kto"])
 def test_resume_after_kill_9_gives_the_uninterrupted_losses(chat_model_dir, tmp_path, method) -> None:
     ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
@@ -210,7 +192,7 @@ def test_resume_after_kill_9_gives_the_uninterrupted_losses(chat_model_dir, tmp_
     want = json.loads((ref_dir / "run" / "metrics.json").read_text())["history"]
 
     cfg = pref_config(chat_model_dir, kill_dir, method, max_steps=7)
-    killed_after_checkpoint_4(cfg, kill_dir)
+    killed_after_checkpoint_4(cfg, kill_dir, KILLER)
     train(cfg, resume=True)
     got = json.loads((kill_dir / "run" / "metrics.json").read_text())["history"]
     assert [h["step"] for h in got] == list(range(1, 8))
@@ -360,7 +342,7 @@ def test_grpo_resume_after_kill_9_reproduces_the_rewards(chat_model_dir, grpo_ru
     kill_dir = grpo_run["root"] / "kill"
     kill_dir.mkdir()
     cfg = grpo_config(chat_model_dir, kill_dir)
-    killed_after_checkpoint_4(cfg, kill_dir)
+    killed_after_checkpoint_4(cfg, kill_dir, KILLER)
     no_rng = grpo_run["root"] / "no_rng"
     shutil.copytree(kill_dir / "run", no_rng / "run")
     ckpt = no_rng / "run" / "checkpoint-4"

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
 import qolora
 import qolora.config
 from qolora.training import DataError, train
 
-from .conftest import add_trainer_callback, child_env, logits
+from .conftest import assert_resume_after_kill_9_is_exact, logits
 from .conftest import tiny_train_config as _cfg
 
 
@@ -111,63 +107,8 @@ def test_existing_checkpoints_need_resume(chat_model_dir, tmp_path) -> None:
         train(cfg)
 
 
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    from transformers import TrainerCallback
-    import qolora.training.run as run
-    from qolora.config import load_config
-
-    class KillAfterSave(TrainerCallback):
-        def on_save(self, args, state, control, **kw):
-            if state.global_step == 4:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    build = run.build_trainer
-    def build_with_kill(*a, **k):
-        trainer = build(*a, **k)
-        trainer.add_callback(KillAfterSave())
-        return trainer
-    run.build_trainer = build_with_kill
-    run.train(load_config(sys.argv[1]))
-""")
-
-
 def test_resume_after_kill_9_matches_uninterrupted(chat_model_dir, tmp_path, monkeypatch) -> None:
-
-    from qolora.config import dump_config
-
-    ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
-    ref_dir.mkdir()
-    kill_dir.mkdir()
-    ref = _cfg(chat_model_dir, ref_dir, max_steps=7)
-    train(ref)
-    want = json.loads((ref_dir / "run" / "metrics.json").read_text())["history"]
-
-    cfg = _cfg(chat_model_dir, kill_dir, max_steps=7)
-    dump_config(cfg, kill_dir / "cfg.yaml")
-    (kill_dir / "killer.py").write_text(KILLER)
-    env = child_env()
-    proc = subprocess.run(
-        [sys.executable, str(kill_dir / "killer.py"), str(kill_dir / "cfg.yaml")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == -9, proc.stderr[-2000:]
-    assert (kill_dir / "run" / "checkpoint-4").is_dir() and not (kill_dir / "run" / "adapter").exists()
-    steps_run = []
-
-    class Count(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            steps_run.append(state.global_step)
-
-    add_trainer_callback(monkeypatch, Count())
-    train(cfg, resume=True)
-    assert steps_run == [5, 6, 7]  # continued, not restarted
-    got = json.loads((kill_dir / "run" / "metrics.json").read_text())["history"]
-    assert [h["step"] for h in got] == list(range(1, 8))
-    assert [h["loss"] for h in got] == [h["loss"] for h in want]
+    assert_resume_after_kill_9_is_exact(chat_model_dir, tmp_path, monkeypatch)
 
 
 def test_training_prints_no_deprecation_warnings(chat_model_dir, tmp_path) -> None:
