@@ -67,26 +67,82 @@ def test_the_unfused_forward_is_the_fused_forward(mixtral_dir) -> None:
         assert (unfused(x, idx, w) - fused(x, idx, w)).abs().max() > 1e-3
 
 
-def test_a_checkpoint_that_stores_its_experts_fused_loads_them_as_stored_and_says_so(
-    mixtral_dir, tmp_path, caplog
-) -> None:
-    """No per-matrix keys to read into: the experts are not unfused (that would leave 4-bit layers
-    with no weights), they load fused and 16-bit, and one warning names them with their memory."""
-    import logging
+@pytest.fixture(scope="module")
+def fused_mixtral_dir(mixtral_dir, tmp_path_factory):
+    """The tiny Mixtral as transformers 5 saves it: experts fused (gate_up_proj: E x 2I x H, gate rows
+    first; down_proj), no per-matrix keys."""
     import shutil
 
     from safetensors.torch import save_file
 
     model = transformers.AutoModelForCausalLM.from_pretrained(mixtral_dir, dtype=torch.float32)
-    fused_dir = tmp_path / "fused"
-    fused_dir.mkdir()
+    d = tmp_path_factory.mktemp("fused_mixtral")
     for f in mixtral_dir.iterdir():
         if f.suffix != ".safetensors":
-            shutil.copy(f, fused_dir / f.name)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(fused_dir / "model.safetensors"))
+            shutil.copy(f, d / f.name)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+    return d
+
+
+def test_experts_stored_fused_the_transformers_5_way_load_per_matrix_and_export_fused(fused_mixtral_dir) -> None:
+    """A Mixtral saved by transformers 5 (fused experts): each expert matrix still loads as a 4-bit
+    layer holding NF4 of its rows of the fused tensor (w1 the gate half, w3 the up half), and the
+    merged export writes the checkpoint's own fused keys and shapes back, plain transformers loading it."""
+    from safetensors import safe_open
+
+    import qolora
+
+    fused = quant.CheckpointWeights(fused_mixtral_dir)
+    assert not [k for k in fused.keys() if ".experts.0." in k] and stored_names_dir(fused_mixtral_dir)
+    model = quant.load_quantized(fused_mixtral_dir)
+    assert not [n for n, p in model.named_parameters() if p.ndim == 3]
+    i = 128
+    with safe_open(str(fused_mixtral_dir / "model.safetensors"), framework="pt") as h:
+        gate_up = h.get_tensor("model.layers.1.mlp.experts.gate_up_proj")
+    for e, name, rows in ((2, "w1", slice(0, i)), (5, "w3", slice(i, 2 * i))):
+        lin = model.get_submodule(f"model.layers.1.mlp.experts.{e}.{name}")
+        want = quant.roundtrip(gate_up[e, rows].contiguous(), quant.quant_settings(lin))
+        assert torch.equal(quant.dequantize(lin).float(), want.float()), (e, name)
+        assert torch.equal(fused.get(f"model.layers.1.mlp.experts.{e}.{name}.weight"), gate_up[e, rows])
+    from peft import LoraConfig
+
+    peft = qolora.get_qolora_model(
+        model, LoraConfig(r=4, lora_alpha=4, target_modules="all-linear", init_lora_weights="olora"), progress=False
+    )
+    assert peft.qolora_states["default"].report.sources() == {"checkpoint": 4 * 2 + 8 * 3 * 2}
+    qolora.save_adapter(peft, fused_mixtral_dir.parent / "fused_adapter")
+    out = fused_mixtral_dir.parent / "fused_merged"
+    qolora.export_merged(
+        fused_mixtral_dir.parent / "fused_adapter", out, mode="original", dtype="float32", progress=False
+    )
+    merged = quant.CheckpointWeights(out)
+    assert sorted(merged.keys()) == sorted(fused.keys())
+    assert all(merged.shape(k) == fused.shape(k) for k in fused.keys())
+    got = merged.get("model.layers.1.mlp.experts.gate_up_proj")
+    assert (got - gate_up).abs().max() < 1e-5  # the initial model: W + s(B·A - B0·A0) = W
+    plain = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert plain.model.layers[1].mlp.experts.gate_up_proj.shape == gate_up.shape
+
+
+def stored_names_dir(d) -> tuple[str, str, str] | None:
+    from qolora.quant.experts import names_for_type
+
+    return names_for_type(quant.CheckpointWeights(d).model_type)
+
+
+def test_fused_experts_of_an_unknown_layout_load_as_stored_and_say_so(fused_mixtral_dir, monkeypatch, caplog) -> None:
+    """Fused experts whose per-matrix names QOLoRA cannot tell (no conversion mapping names them)
+    are not unfused (that would leave 4-bit layers with no weights): they load fused and 16-bit, and
+    one warning names them with their memory."""
+    import logging
+
+    import qolora.quant.experts as experts
+
+    monkeypatch.setattr(experts, "names_for_type", lambda model_type: None)
     with caplog.at_level(logging.WARNING, logger="qolora"):
-        loaded = quant.load_quantized(fused_dir)
+        loaded = quant.load_quantized(fused_mixtral_dir)
     assert not any(isinstance(m, UnfusedExperts) for m in loaded.modules())
+    model = transformers.AutoModelForCausalLM.from_pretrained(fused_mixtral_dir, dtype=torch.float32)
     with torch.no_grad():  # the fused weights arrived, as stored
         assert torch.equal(loaded.model.layers[1].mlp.experts.down_proj, model.model.layers[1].mlp.experts.down_proj)
     lines = [r.getMessage() for r in caplog.records if "MoE experts modules stayed in 16 bits" in r.getMessage()]
@@ -166,7 +222,7 @@ def test_gpt_oss_experts_load_as_nf4_of_each_stored_slice_from_the_fused_checkpo
             bias = h.get_tensor(f"model.layers.{layer}.mlp.experts.{name}_bias")[e]
             assert torch.equal(lin.bias.data.float(), bias.float()) and torch.equal(ckpt.get(f"{module}.bias"), bias)
     assert ckpt.experts_of("model.layers.1.mlp.experts.down_proj") == [
-        f"model.layers.1.mlp.experts.{e}.down_proj.weight" for e in range(8)
+        [f"model.layers.1.mlp.experts.{e}.down_proj.weight"] for e in range(8)
     ]
     # parameter bytes: every expert weight is packed 4-bit (half a byte per element)
     packed = sum(m.weight.numel() for x in experts for m in (x.gate_up_proj, x.down_proj))

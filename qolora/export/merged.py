@@ -122,7 +122,7 @@ def merged_weight(parts: AdapterDir, name: str, W: torch.Tensor, mode: str, devi
 
 def _as_stored(ckpt: quant.CheckpointWeights, key: str, W: torch.Tensor) -> torch.Tensor:
     """A per-expert view's tensor back in its stored orientation."""
-    return W.T if ckpt.views[key][2] else W
+    return W.T if ckpt.views[key].transposed else W
 
 
 def _quant_device(parts: AdapterDir) -> str:
@@ -186,8 +186,8 @@ def export_merged(
 
         for key in tqdm(ckpt.keys(), desc=f"export {mode}", unit="tensor", disable=not progress):
             experts = ckpt.experts_of(key)
-            if experts:  # fused as the checkpoint stores them, from each expert's merged matrix
-                writer.add(key, torch.stack([_as_stored(ckpt, k, merged(k)) for k in experts]))
+            if experts:  # fused as the checkpoint stores them, from each expert's merged matrices
+                writer.add(key, torch.stack([torch.cat([_as_stored(ckpt, k, merged(k)) for k in e]) for e in experts]))
             else:
                 writer.add(key, merged(key))
         writer.finish()

@@ -23,7 +23,9 @@ load as one biased ``nn.Linear`` per expert matrix too (``InterleavedExpert``): 
 the conversion mapping (``SplitExperts``) cut each fused tensor into its experts, transposed to
 (out, in), as it is read, and each is quantized as it arrives. ``CheckpointWeights`` shows the same
 per-expert views of the stored tensors (``expert_views``) to the factored inits, and the merged
-export writes the experts fused again, as the checkpoint stores them.
+export writes the experts fused again, as the checkpoint stores them. A Mixtral or Qwen-MoE saved by
+transformers 5 (fused: each expert's gate rows, then its up rows) loads the same way, its matrices
+named as the original checkpoints name them.
 
 The forward is transformers' own loop over the experts a batch hits, each expert's matrices
 running as 4-bit matmuls: one expert's weights are dequantized at a time. Every step of QOLoRA
@@ -38,7 +40,7 @@ import functools
 import os
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -169,12 +171,16 @@ def _names(patterns: list[str]) -> list[str]:
 
 
 def stored_names(model: nn.Module) -> tuple[str, str, str] | None:
+    """(gate, up, down) as ``model``'s type's checkpoints name one expert's matrices (``names_for_type``)."""
+    return names_for_type(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def names_for_type(model_type: str | None) -> tuple[str, str, str] | None:
     """(gate, up, down) as the model type's checkpoints name one expert's matrices, read from
     transformers' conversion mapping (the converters that fuse them); None if it fuses none."""
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
     gate_up = down = None
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
     for t in (get_checkpoint_conversion_mapping(model_type) if model_type else None) or []:
         targets = getattr(t, "target_patterns", [])
         names = _names(list(getattr(t, "_original_source_patterns", t.source_patterns)))
@@ -202,50 +208,74 @@ def _is_fusing(t: Any) -> bool:
 
 
 PER_MATRIX = re.compile(r"\.experts\.\d+\.\w+\.weight$")
-STORED_INTERLEAVED = re.compile(r"^(?P<experts>.*\.experts)\.(?P<name>gate_up_proj|down_proj)(?P<bias>_bias)?$")
+STORED_FUSED = re.compile(r"^(?P<experts>.*\.experts)\.(?P<name>gate_up_proj|down_proj)(?P<bias>_bias)?$")
+
+
+class View(NamedTuple):
+    """One expert matrix (or bias) inside a fused stored tensor: ``stored[expert]``, transposed to
+    (out, in) when the store is (in, out), and row block ``part`` of ``parts`` (gate, up)."""
+
+    stored: str
+    expert: int
+    transposed: bool
+    part: int = 0
+    parts: int = 1
 
 
 def stores_experts_per_matrix(path: str | os.PathLike[str]) -> bool:
     """Whether the checkpoint in ``path`` holds MoE experts that load one 4-bit layer per matrix:
-    stored one matrix each (``...experts.3.w1.weight``), or fused the gpt-oss way (16-bit, biased:
-    ``...experts.gate_up_proj`` and ``..._bias``; not MXFP4's ``_blocks``). False for a dense model,
-    a checkpoint without safetensors, or experts stored fused without biases (they load as stored)."""
+    stored one matrix each (``...experts.3.w1.weight``), or fused in 16 bits in a layout QOLoRA
+    cuts (``expert_views``: gpt-oss's; Mixtral's and Qwen-MoE's as transformers 5 saves them). False
+    for a dense model, a checkpoint without safetensors, or fused experts of an unknown layout."""
     from .source import CheckpointWeights
 
     try:
-        keys = CheckpointWeights(path).keys()
+        ckpt = CheckpointWeights(path)
     except FileNotFoundError:
         return False
-    return any(PER_MATRIX.search(k) for k in keys) or bool(interleaved_stores(keys))
+    return any(PER_MATRIX.search(k) for k in ckpt.keys()) or bool(ckpt.views)
 
 
-def interleaved_stores(keys: list[str]) -> list[str]:
-    """The ``...experts`` prefixes of ``keys`` that store gpt-oss experts fused in 16 bits: all four
-    tensors (``gate_up_proj``, ``down_proj`` and their biases) present."""
+def fused_stores(keys: list[str]) -> dict[str, str]:
+    """{``...experts`` prefix: "interleaved" (gpt-oss: gate_up_proj, down_proj and their biases) or
+    "gated" (gate_up_proj and down_proj, no biases)} for the fused experts stored in ``keys``."""
     found: dict[str, set[str]] = {}
     for k in keys:
-        m = STORED_INTERLEAVED.match(k)
+        m = STORED_FUSED.match(k)
         if m:
             found.setdefault(m["experts"], set()).add(m["name"] + (m["bias"] or ""))
-    return sorted(p for p, names in found.items() if names == set(INTERLEAVED))
+    kinds = {frozenset(INTERLEAVED): "interleaved", frozenset(FUSED): "gated"}
+    return {p: kinds[frozenset(n)] for p, n in sorted(found.items()) if frozenset(n) in kinds}
 
 
-def expert_views(keys: list[str], shape: Any) -> dict[str, tuple[str, int, bool]]:
-    """{per-expert key: (stored key, expert, transposed)} for the gpt-oss experts stored fused in
-    ``keys``: ``experts.E.gate_up_proj.weight`` is ``experts.gate_up_proj[E]`` transposed to (out, in),
-    ``experts.E.gate_up_proj.bias`` is ``experts.gate_up_proj_bias[E]``. ``shape(key)``: a stored shape."""
-    views: dict[str, tuple[str, int, bool]] = {}
-    for prefix in interleaved_stores(keys):
-        for name in InterleavedExpert.names:
-            for suffix, stored in (("weight", f"{prefix}.{name}"), ("bias", f"{prefix}.{name}_bias")):
-                for e in range(shape(stored)[0]):
-                    views[f"{prefix}.{e}.{name}.{suffix}"] = (stored, e, suffix == "weight")
+def expert_views(keys: list[str], shape: Any, names: tuple[str, str, str] | None) -> dict[str, View]:
+    """{per-expert key: ``View``} for the fused experts stored in ``keys``, named as the model's
+    ``UnfusedExperts`` name them. gpt-oss's: ``experts.E.gate_up_proj.weight`` is
+    ``experts.gate_up_proj[E]`` transposed, ``experts.E.gate_up_proj.bias`` is ``gate_up_proj_bias[E]``.
+    Gated ones (with the checkpoint's ``names``, e.g. w1, w3, w2): ``experts.E.w1.weight`` is the first
+    half of ``gate_up_proj[E]``'s rows, ``w3`` the second, ``w2`` is ``down_proj[E]``. Per stored key,
+    the views are in expert order, then row order. ``shape(key)``: a stored shape."""
+    views: dict[str, View] = {}
+    for prefix, kind in fused_stores(keys).items():
+        if kind == "interleaved":
+            for name in InterleavedExpert.names:
+                for suffix, stored in (("weight", f"{prefix}.{name}"), ("bias", f"{prefix}.{name}_bias")):
+                    for e in range(shape(stored)[0]):
+                        views[f"{prefix}.{e}.{name}.{suffix}"] = View(stored, e, suffix == "weight")
+        elif names is not None:
+            gate, up, down = names
+            for e in range(shape(f"{prefix}.gate_up_proj")[0]):
+                for part, name in enumerate((gate, up)):
+                    views[f"{prefix}.{e}.{name}.weight"] = View(f"{prefix}.gate_up_proj", e, False, part, 2)
+            for e in range(shape(f"{prefix}.down_proj")[0]):
+                views[f"{prefix}.{e}.{down}.weight"] = View(f"{prefix}.down_proj", e, False)
     return views
 
 
 class SplitExperts:
     """A conversion op (transformers' ``ConversionOps`` interface) that cuts one fused tensor into
-    its experts, ``target_patterns[e]`` each, transposed to (out, in) for weights, and makes each
+    its experts, transposed to (out, in) for weights stored (in, out), each expert's rows into as many
+    equal blocks as ``target_patterns`` has per expert (``[e0 gate, e0 up, e1 gate, ...]``), and makes each
     weight a 4-bit parameter as transformers' bitsandbytes op does (``Params4bit`` with the model's
     settings, quantized on its device). transformers 5.3's op quantizes one tensor per converter,
     so ``SplitConverter`` takes none and this op quantizes them all."""
@@ -267,13 +297,16 @@ class SplitExperts:
     ) -> dict[str, Any]:
         (t,) = input_dict.values()
         t = t[0] if isinstance(t, list) else t
-        if t.shape[0] != len(target_patterns):
+        parts = len(target_patterns) // t.shape[0]
+        if parts * t.shape[0] != len(target_patterns):
             raise ValueError(f"{source_patterns[0]}: {t.shape[0]} experts stored, the model has {len(target_patterns)}")
         prefix = (full_layer_name or "").partition(target_patterns[0])[0]
         out = {}
-        for e, key in enumerate(target_patterns):
-            value = (t[e].T if self.transposed else t[e]).contiguous()
-            out[key] = _as_4bit(model, prefix + key, value) if model is not None else value
+        for e in range(t.shape[0]):
+            blocks = (t[e].T if self.transposed else t[e]).chunk(parts, dim=0)
+            for key, value in zip(target_patterns[e * parts : (e + 1) * parts], blocks, strict=True):
+                value = value.contiguous()
+                out[key] = _as_4bit(model, prefix + key, value) if model is not None else value
         return out
 
 
@@ -305,15 +338,21 @@ def split_converters(model: nn.Module) -> list[Any]:
         def quantization_operation(self, _: Any) -> None:
             pass
 
-    nums = {len(m) for m in model.modules() if isinstance(m, UnfusedExperts) and isinstance(m[0], InterleavedExpert)}
+    def converter(stored: str, per_expert: list[str], num: int, transposed: bool) -> Any:
+        targets = [f".experts.{e}.{t}" for e in range(num) for t in per_expert]
+        return SplitConverter(rf".experts.{stored}$", targets, operations=[SplitExperts(transposed)])
+
     out = []
-    for num in sorted(nums):
-        for name in InterleavedExpert.names:
-            for suffix, stored in (("weight", name), ("bias", f"{name}_bias")):
-                targets = [f".experts.{e}.{name}.{suffix}" for e in range(num)]
-                out.append(
-                    SplitConverter(rf".experts.{stored}$", targets, operations=[SplitExperts(suffix == "weight")])
-                )
+    for m in {type(m[0]): m for m in model.modules() if isinstance(m, UnfusedExperts)}.values():
+        num, expert = len(m), m[0]
+        if isinstance(expert, InterleavedExpert):
+            for name in InterleavedExpert.names:
+                out.append(converter(name, [f"{name}.weight"], num, True))
+                out.append(converter(f"{name}_bias", [f"{name}.bias"], num, False))
+        else:
+            gate, up, down = expert.names
+            out.append(converter("gate_up_proj", [f"{gate}.weight", f"{up}.weight"], num, False))
+            out.append(converter("down_proj", [f"{down}.weight"], num, False))
     return out
 
 

@@ -58,11 +58,12 @@ class CheckpointWeights:
         return list(self._key_to_file)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        if key in self.views:
-            stored, _, transposed = self.views[key]
-            inner = self._stored_shape(stored)[1:]
-            return inner[::-1] if transposed else inner
-        return self._stored_shape(key)
+        view = self.views.get(key)
+        if view is None:
+            return self._stored_shape(key)
+        inner = self._stored_shape(view.stored)[1:]
+        inner = inner[::-1] if view.transposed else inner
+        return (inner[0] // view.parts, *inner[1:])
 
     def _stored_shape(self, key: str) -> tuple[int, ...]:
         with safe_open(str(self._key_to_file[key]), framework="pt") as h:
@@ -74,35 +75,45 @@ class CheckpointWeights:
         """One tensor on ``device``, as ``dtype`` (float32 by default; None keeps the stored dtype).
         A per-expert view reads its expert's slice of the stored tensor only."""
         view = self.views.get(key)
-        stored = view[0] if view else key
+        stored = view.stored if view else key
         if stored not in self._key_to_file:
             raise KeyError(f"{self.folder}: tensor {key!r} is not in the checkpoint")
         with safe_open(str(self._key_to_file[stored]), framework="pt", device="cpu") as h:
             if view is None:
                 t = h.get_tensor(key)
             else:
-                t = h.get_slice(stored)[view[1]]
-                t = t.T.contiguous() if view[2] else t
+                t = h.get_slice(stored)[view.expert]
+                t = t.T if view.transposed else t
+                t = t.chunk(view.parts, dim=0)[view.part].contiguous()
         return t.to(device=device, dtype=dtype or t.dtype)
 
     @functools.cached_property
-    def views(self) -> dict[str, tuple[str, int, bool]]:
-        """{per-expert key: (stored key, expert, transposed)} for MoE experts stored fused the gpt-oss
-        way, which load one linear layer per expert matrix (``experts.expert_views``)."""
-        from .experts import expert_views
+    def views(self) -> dict[str, Any]:
+        """{per-expert key: ``experts.View``} for MoE experts stored fused, which load one linear layer
+        per expert matrix (``experts.expert_views``)."""
+        from .experts import expert_views, names_for_type
 
-        return expert_views(self.keys(), self._stored_shape)
+        return expert_views(self.keys(), self._stored_shape, names_for_type(self.model_type))
 
-    def experts_of(self, key: str) -> list[str]:
-        """The per-expert views of a stored fused key, in expert order; [] for any other key."""
+    def experts_of(self, key: str) -> list[list[str]]:
+        """The per-expert views of a stored fused key: one list per expert, in expert order, of its
+        views in row order (gate, up); [] for any other key."""
         return self._experts.get(key, [])
 
     @functools.cached_property
-    def _experts(self) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {}
-        for k, (stored, _, _) in self.views.items():  # in expert order
-            out.setdefault(stored, []).append(k)
-        return out
+    def _experts(self) -> dict[str, list[list[str]]]:
+        out: dict[str, dict[int, list[str]]] = {}
+        for k, v in self.views.items():  # in expert order, then row order
+            out.setdefault(v.stored, {}).setdefault(v.expert, []).append(k)
+        return {stored: list(per.values()) for stored, per in out.items()}
+
+    @functools.cached_property
+    def model_type(self) -> str | None:
+        """``model_type`` of the folder's config.json, or None."""
+        try:
+            return json.loads((self.folder / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError):
+            return None
 
     def find(self, module_name: str, prefixes: tuple[str, ...] = ()) -> str | None:
         """The checkpoint key of ``module_name``'s weight, or None.
@@ -131,11 +142,7 @@ class CheckpointWeights:
         renamings change (``experts.checkpoint_renames``)."""
         from .experts import checkpoint_renames, renamed
 
-        try:
-            model_type = json.loads((self.folder / "config.json").read_text()).get("model_type")
-        except (OSError, ValueError):
-            return {}
-        renames = checkpoint_renames(model_type) if model_type else []
+        renames = checkpoint_renames(self.model_type) if self.model_type else []
         if not renames:
             return {}
         pairs = ((renamed(k, renames), k) for k in self._key_to_file)
