@@ -208,24 +208,33 @@ def test_grpo_two_ranks_sample_the_one_rank_completions(runs) -> None:
         assert abs(x["loss"] - y["loss"]) <= 1e-5 and abs(x["kl"] - y["kl"]) <= 1e-5, (a["history"], b["history"])
 
 
-def test_moe_two_ranks_equal_one_rank_with_4bit_experts(runs) -> None:
-    """A tiny Mixtral, all-linear (attention and every 4-bit expert matrix adapted): 2 ranks give
-    the 1-rank losses at the same global batch (1e-5). An expert no token of a rank's batch reaches
-    gets no gradient there; DDP is told to look for such parameters (``ddp_find_unused_parameters``)."""
+@pytest.mark.parametrize(
+    "family,mode,adapted", [("Mixtral", "ddp", 56), ("gpt-oss", "ddp", 40), ("Mixtral", "fsdp", 56)]
+)
+def test_moe_two_ranks_equal_one_rank_with_4bit_experts(runs, family, mode, adapted) -> None:
+    """A tiny MoE, all-linear (attention and every 4-bit expert matrix adapted): 2 ranks give the
+    1-rank losses at the same global batch (1e-5). Under DDP an expert no token of a rank's batch
+    reaches gets no gradient there, so DDP is told to look for such parameters
+    (``ddp_find_unused_parameters``); under FSDP2 the experts are sharded with their decoder layer, and
+    every expert's adapters get a gradient on every rank (zero where no token reaches the expert), or
+    the ranks' gradient reduce-scatters differ and gloo aborts. ("gpt-oss", "ddp", 40) passes too:
+    left out for the suite's time, as it adds no code path.)"""
     from .conftest import make_tokenizer
     from .model_matrix import FAMILIES, build
 
     root = runs["root"]
-    model = root / "mixtral"
-    tok = make_tokenizer()
-    build(next(f for f in FAMILIES if f.name == "Mixtral"), tok).save_pretrained(model)
-    tok.save_pretrained(model)
-    one = _config(model, root / "moe-one", grad_accum=2)
-    two = _config(model, root / "moe-two")
+    name = f"moe-{family}-{mode}"
+    model = root / family
+    if not (model / "config.json").is_file():
+        tok = make_tokenizer()
+        build(next(f for f in FAMILIES if f.name == family), tok).save_pretrained(model)
+        tok.save_pretrained(model)
+    one = _config(model, root / f"{name}-one", grad_accum=2)
+    two = _config(model, root / f"{name}-two", distributed=mode)
     for cfg in (one, two):
         cfg.adapter.target_modules = "all-linear"
-    a, b = one_rank_then_two(root, "moe", one, two)
-    assert a["init_report"]["sources"] == {"checkpoint": 56}  # 8 attention + 48 expert matrices
+    a, b = one_rank_then_two(root, name, one, two)
+    assert a["init_report"]["sources"] == {"checkpoint": adapted}  # 8 attention + every expert matrix
     for x, y in zip(a["history"], b["history"], strict=True):
         assert abs(x["loss"] - y["loss"]) <= 1e-5, (a["history"], b["history"])
 

@@ -323,3 +323,22 @@ def test_the_portable_lora_targets_the_stock_fused_experts_exactly(family, tmp_p
     cfg.pop("target_parameters")
     (tmp_path / "attn" / "adapter_config.json").write_text(json.dumps(cfg))
     assert (logits(tmp_path / "m", tmp_path / "attn") - want).abs().max() > 1e-3
+
+
+def test_an_expert_no_token_reaches_still_gets_a_zero_gradient(mixtral_dir) -> None:
+    """As a fused expert's slice does: every expert's parameters get a gradient, zero for an expert
+    no token reaches, and the output is unchanged. FSDP's gradient reduce-scatter needs the same
+    parameters with gradients on every rank (2 FSDP ranks = 1 rank: tests/test_distributed.py)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(mixtral_dir, dtype=torch.float32)
+    unfused = UnfusedExperts(model.model.layers[0].mlp.experts, stored_names(model))
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(1))
+    idx = torch.tensor([[0, 1]] * 6)  # experts 0 and 1 only
+    w = torch.rand(6, 2, generator=torch.Generator().manual_seed(3))
+    out = unfused(x, idx, w)
+    out.sum().backward()
+    grads = [p.grad for p in unfused.parameters()]
+    assert all(g is not None for g in grads)
+    assert all(float(p.grad.abs().sum()) == 0.0 for e in range(2, 8) for p in unfused[e].parameters())
+    assert all(float(p.grad.abs().sum()) > 0.0 for e in range(2) for p in unfused[e].parameters())
+    want = sum(unfused[e](x, unfused.act_fn) * w[:, e : e + 1] for e in range(2))
+    assert torch.equal(out, want) or (out - want).abs().max() < 1e-6

@@ -115,10 +115,14 @@ class UnfusedExperts(nn.ModuleList):
         final = torch.zeros_like(hidden_states)
         with torch.no_grad():
             mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
-            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
-        for e in hit:
-            e = int(e[0])
-            if e == self.num_experts:
+            hit = set(torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist())
+        grads = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        for e in range(self.num_experts):
+            if e not in hit:
+                if grads:  # no token reaches this expert: run it on none, so its adapters still get a
+                    # (zero) gradient on every rank, as a fused expert's slice does; FSDP's gradient
+                    # reduce-scatter needs the same parameters with gradients on every rank
+                    final = final + self[e](hidden_states[:0], self.act_fn).sum() * 0
                 continue
             pos, tokens = torch.where(mask[e])
             out = self[e](hidden_states[tokens], self.act_fn) * top_k_weights[tokens, pos, None]

@@ -28,6 +28,7 @@ from ..config import Config, ConfigError, dump_config, flat_dict
 from ..files import FINAL_ADAPTER, INITIAL_ADAPTER, META_FILE, RUN_CONFIG_FILE
 from ..inits import InitSpec
 from ..quant import check_kernel, meta_model, resolve_model
+from ..quant.experts import has_unfused_experts, keep_peft_from_refusing_experts, stored_names, unfuse_
 from . import run_dir
 from .callbacks import MetricsCallback
 from .data import load_rows, load_sources
@@ -179,13 +180,18 @@ def init_sharded(
         base = load_base(cfg, {"": "cpu"}, distributed.quant_storage("fsdp"))
         load_s = time.perf_counter() - t0
         spec = quant.twin_spec(base)  # before PEFT wraps the 4-bit layers: names as in the config's model
+        unfused = has_unfused_experts(base)  # MoE experts loaded one 4-bit layer per matrix: the twin does too
         prepare_for_training_(base, gc)
         model = initial_model(cfg, base, out, fresh, data_meta(cfg, data_format))
         state = model.qolora_states["default"]
         state = QoloraState(state.meta, report=state.report)  # the factors stay with rank 0, which saves
-    spec, state, load_s = distributed.broadcast_object((spec, state, load_s) if w.is_main else None, w)
+    spec, state, load_s, unfused = distributed.broadcast_object(
+        (spec, state, load_s, unfused) if w.is_main else None, w
+    )
     if not w.is_main:
         base = meta_model(cfg.model)
+        if unfused and unfuse_(base, stored_names(base)):
+            keep_peft_from_refusing_experts()
         quant.make_4bit_twin_(base, spec)
         prepare_for_training_(base, gc)
         model = meta_peft_model(base, lora_config(cfg))
