@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -461,3 +462,23 @@ def test_a_really_full_tmpfs_is_one_line(chat_model_dir, tmp_path, monkeypatch, 
         assert (run / "adapter").is_dir()
     finally:
         subprocess.run(["umount", "-l", str(disk)])  # lazy: the test process may still map a file there
+
+
+def test_a_rank_unwinding_from_a_lost_peer_ends_in_one_line_on_the_launchers_sigterm() -> None:
+    """A rank whose collective failed because another rank died unwinds (SignalStop uninstalled) and
+    then prints its error line; torchrun's SIGTERM can come in between. It ends the rank in one line
+    with exit 143, not silently by the default action (-15: seen once in CI)."""
+    script = textwrap.dedent("""
+        import os, signal, time
+        from qolora.distributed import World
+        from qolora.training.guard import SignalStop
+
+        stop = SignalStop(world=World(0, 0, 2), output_dir="runs/x")
+        stop.install()
+        stop.uninstall()  # as signals_stop's finally does while an error unwinds
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, (proc.returncode, proc.stderr[-2000:])
+    assert "[rank 0] stopped by SIGTERM: the launcher stops every rank when one fails" in proc.stderr

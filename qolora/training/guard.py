@@ -284,9 +284,13 @@ class SignalStop(TrainerCallback):
     def uninstall(self) -> None:
         self._finished.set()
         for s, h in self._previous.items():
-            # stopping on an agreed checkpoint: the launcher's SIGTERM, sent when the first rank exits,
-            # must not cut the others' last lines short
-            signal.signal(s, signal.SIG_IGN if self.several and self.signum is not None else h)
+            if self.several:
+                # stopping on an agreed checkpoint: the launcher's SIGTERM, sent when the first rank
+                # exits, must not cut the others' last lines short. Unwinding because another rank died
+                # (a failed collective), its SIGTERM can come before this rank's error line: it ends the
+                # rank in one line then, not silently by the default action
+                h = signal.SIG_IGN if self.signum is not None else self._launcher_stop
+            signal.signal(s, h)
         self._previous.clear()
         if self._wakeup is not None:
             r, w, old = self._wakeup
@@ -311,6 +315,9 @@ class SignalStop(TrainerCallback):
                     return
         finally:
             os.close(r)
+
+    def _launcher_stop(self, signum: int, frame: Any) -> None:
+        self._exit_now(signum, "the launcher stops every rank when one fails")
 
     def _exit_now(self, signum: int, why: str) -> None:
         from .. import distributed
