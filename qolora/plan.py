@@ -130,16 +130,15 @@ class MoE:
 def held_from_config(c: dict[str, Any]) -> Held | None:
     """``Held`` for the config dict ``c``, or None when transformers cannot build it (no ``model_type``,
     or one it does not know): the plan then counts the Llama-style shape alone."""
-    from .quant.experts import InterleavedExpert, UnfusedExperts, stored_names, unfuse_
+    from .quant.experts import InterleavedExpert, UnfusedExperts, unfuse_
     from .quant.loading import converted_to_4bit, is_linear, kept_in_full_precision, meta_model
 
     try:
         model = meta_model(c)
         model.tie_weights()  # tied embeddings are one tensor, as from_pretrained makes them
-        names = stored_names(model)
     except Exception:  # noqa: BLE001 - no model_type, an unknown or remote-code one: the shape formula stands
         return None
-    unfuse_(model, names)  # the experts as QOLoRA loads them: one 4-bit linear layer per stored matrix
+    unfuse_(model)  # the experts as QOLoRA loads them: one 4-bit linear layer per stored matrix
     head = model.get_output_embeddings()
     four, full, types, counted, expert_linears = [], 0, set(), set(), []
     for name, m in model.named_modules():

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from qolora import quant
-from qolora.quant.experts import UnfusedExperts, stored_names
+from qolora.quant.experts import UnfusedExperts, names_for_type, stored_names
 
 from .conftest import make_tokenizer
 from .model_matrix import FAMILIES, build
@@ -93,7 +93,7 @@ def test_experts_stored_fused_the_transformers_5_way_load_per_matrix_and_export_
     import qolora
 
     fused = quant.CheckpointWeights(fused_mixtral_dir)
-    assert not [k for k in fused.keys() if ".experts.0." in k] and stored_names_dir(fused_mixtral_dir)
+    assert not [k for k in fused.keys() if ".experts.0." in k] and names_for_type(fused.model_type)
     model = quant.load_quantized(fused_mixtral_dir)
     assert not [n for n, p in model.named_parameters() if p.ndim == 3]
     i = 128
@@ -122,12 +122,6 @@ def test_experts_stored_fused_the_transformers_5_way_load_per_matrix_and_export_
     assert (got - gate_up).abs().max() < 1e-5  # the initial model: W + s(B·A - B0·A0) = W
     plain = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert plain.model.layers[1].mlp.experts.gate_up_proj.shape == gate_up.shape
-
-
-def stored_names_dir(d) -> tuple[str, str, str] | None:
-    from qolora.quant.experts import names_for_type
-
-    return names_for_type(quant.CheckpointWeights(d).model_type)
 
 
 def test_fused_experts_of_an_unknown_layout_load_as_stored_and_say_so(fused_mixtral_dir, monkeypatch, caplog) -> None:

@@ -115,7 +115,7 @@ def fused_experts(
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from peft.tuners.lora.layer import ParamWrapper
 
-    from ..quant.experts import InterleavedExpert, is_interleaved_experts, stored_names
+    from ..quant.experts import InterleavedExpert, fused_parts, is_interleaved_experts, stored_names
     from ..quant.loading import meta_model
 
     stock = meta_model(str(parts.checkpoint))
@@ -130,10 +130,9 @@ def fused_experts(
     for path in by_module:
         fused = stock.get_submodule(path)
         if is_interleaved_experts(fused):
-            plan[path] = {n: [n] for n in InterleavedExpert.names}
+            plan[path] = fused_parts(InterleavedExpert.names)
         elif names is not None:
-            gate, up, down = names
-            plan[path] = {"gate_up_proj": [gate, up], "down_proj": [down]}
+            plan[path] = fused_parts(names)
         else:
             raise ValueError(f"{path}: {type(fused).__name__} is no experts module a portable LoRA can target")
     # one rank per fused parameter (PEFT's rank_pattern keys a parameter target by "module.parameter")

@@ -116,13 +116,14 @@ class UnfusedExperts(nn.ModuleList):
         with torch.no_grad():
             mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
             hit = set(torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist())
-        grads = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        for e in range(self.num_experts):
-            if e not in hit:
-                if grads:  # no token reaches this expert: run it on none, so its adapters still get a
-                    # (zero) gradient on every rank, as a fused expert's slice does; FSDP's gradient
-                    # reduce-scatter needs the same parameters with gradients on every rank
-                    final = final + self[e](hidden_states[:0], self.act_fn).sum() * 0
+        missed = [e for e in range(self.num_experts) if e not in hit]
+        if missed and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            # run the experts no token reaches on none, so their adapters still get a (zero) gradient
+            # on every rank, as a fused expert's slice does: FSDP's gradient reduce-scatter needs the
+            # same parameters with gradients on every rank
+            final = final + sum(self[e](hidden_states[:0], self.act_fn).sum() for e in missed) * 0
+        for e in sorted(hit):
+            if e == self.num_experts:
                 continue
             pos, tokens = torch.where(mask[e])
             out = self[e](hidden_states[tokens], self.act_fn) * top_k_weights[tokens, pos, None]
@@ -195,16 +196,31 @@ def names_for_type(model_type: str | None) -> tuple[str, str, str] | None:
     return (gate_up[0], gate_up[1], down[0]) if gate_up and down else None
 
 
-def unfuse_(model: nn.Module, names: tuple[str, str, str] | None) -> list[str]:
+def unfuse_(model: nn.Module) -> list[str]:
     """Replace every fused experts module of ``model`` by ``UnfusedExperts``, in place (gated ones
-    when the checkpoint's ``names`` of their matrices are known, gpt-oss's always); their names."""
+    when the checkpoint's names of their matrices are known, ``stored_names``; gpt-oss's always);
+    their names. Once any is, PEFT's rewrite of expert names is kept off those models
+    (``keep_peft_from_refusing_experts``)."""
+    names = stored_names(model)
     done = []
     for name, m in list(model.named_modules()):
         if (names is not None and is_fused_experts(m)) or is_interleaved_experts(m):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, UnfusedExperts(m, names))
             done.append(name)
+    if done:
+        keep_peft_from_refusing_experts()
     return done
+
+
+def fused_parts(names: tuple[str, ...]) -> dict[str, list[str]]:
+    """{fused parameter (as stock transformers holds it): the expert's layers it stacks, in row order},
+    for an expert whose layers are ``names`` (``Expert.names`` or ``InterleavedExpert.names``): a
+    gated expert's gate and up share ``gate_up_proj``; gpt-oss's two layers are the fused parameters."""
+    if len(names) == 2:
+        return {n: [n] for n in names}
+    gate, up, down = names
+    return {"gate_up_proj": [gate, up], "down_proj": [down]}
 
 
 def _is_fusing(t: Any) -> bool:
@@ -261,18 +277,16 @@ def expert_views(keys: list[str], shape: Any, names: tuple[str, str, str] | None
     the views are in expert order, then row order. ``shape(key)``: a stored shape."""
     views: dict[str, View] = {}
     for prefix, kind in fused_stores(keys).items():
-        if kind == "interleaved":
-            for name in InterleavedExpert.names:
-                for suffix, stored in (("weight", f"{prefix}.{name}"), ("bias", f"{prefix}.{name}_bias")):
-                    for e in range(shape(stored)[0]):
-                        views[f"{prefix}.{e}.{name}.{suffix}"] = View(stored, e, suffix == "weight")
-        elif names is not None:
-            gate, up, down = names
-            for e in range(shape(f"{prefix}.gate_up_proj")[0]):
-                for part, name in enumerate((gate, up)):
-                    views[f"{prefix}.{e}.{name}.weight"] = View(f"{prefix}.gate_up_proj", e, False, part, 2)
-            for e in range(shape(f"{prefix}.down_proj")[0]):
-                views[f"{prefix}.{e}.{down}.weight"] = View(f"{prefix}.down_proj", e, False)
+        interleaved = kind == "interleaved"
+        if not interleaved and names is None:
+            continue
+        for param, layers in fused_parts(InterleavedExpert.names if interleaved else names).items():
+            stored = f"{prefix}.{param}"
+            for e in range(shape(stored)[0]):
+                for part, layer in enumerate(layers):
+                    views[f"{prefix}.{e}.{layer}.weight"] = View(stored, e, interleaved, part, len(layers))
+                if interleaved:
+                    views[f"{prefix}.{e}.{layer}.bias"] = View(f"{stored}_bias", e, False)
     return views
 
 
@@ -328,7 +342,8 @@ def _as_4bit(model: nn.Module, name: str, value: torch.Tensor) -> Any:
 
 
 def split_converters(model: nn.Module) -> list[Any]:
-    """The converters that load gpt-oss's fused experts into ``model``'s ``InterleavedExpert`` layers."""
+    """The converters that load fused stored experts (gpt-oss's; a gated model's as transformers 5
+    saves it) into ``model``'s ``UnfusedExperts`` layers, cut as ``fused_parts`` says."""
     from transformers.core_model_loading import WeightConverter
 
     class SplitConverter(WeightConverter):
@@ -348,15 +363,11 @@ def split_converters(model: nn.Module) -> list[Any]:
 
     out = []
     for m in {type(m[0]): m for m in model.modules() if isinstance(m, UnfusedExperts)}.values():
-        num, expert = len(m), m[0]
-        if isinstance(expert, InterleavedExpert):
-            for name in InterleavedExpert.names:
-                out.append(converter(name, [f"{name}.weight"], num, True))
-                out.append(converter(f"{name}_bias", [f"{name}.bias"], num, False))
-        else:
-            gate, up, down = expert.names
-            out.append(converter("gate_up_proj", [f"{gate}.weight", f"{up}.weight"], num, False))
-            out.append(converter("down_proj", [f"{down}.weight"], num, False))
+        num, interleaved = len(m), isinstance(m[0], InterleavedExpert)
+        for param, layers in fused_parts(m[0].names).items():
+            out.append(converter(param, [f"{x}.weight" for x in layers], num, interleaved))
+            if interleaved:
+                out.append(converter(f"{param}_bias", [f"{x}.bias" for x in layers], num, False))
     return out
 
 
@@ -384,8 +395,7 @@ def unfused_experts_loading(enabled: bool = True) -> Iterator[None]:
     before, mapping = Bnb4BitHfQuantizer._process_model_before_weight_loading, mu.get_model_conversion_mapping
 
     def before_weight_loading(self: Any, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if unfuse_(model, stored_names(model)):
-            keep_peft_from_refusing_experts()
+        unfuse_(model)
         return before(self, model, *args, **kwargs)
 
     def conversion_mapping(model: nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..precision import parse_dtype, resolve_compute_dtype
-from .experts import fused_left, stored_names, stores_experts_per_matrix, unfuse_, unfused_experts_loading
+from .experts import fused_left, stores_experts_per_matrix, unfuse_, unfused_experts_loading
 from .layout import keep_standard_layout_, skip_for_device
 from .source import resolve_model
 
@@ -168,9 +168,8 @@ def unquantizable(
     from transformers.quantizers.base import get_keys_to_not_convert
 
     meta = meta_model(path, trust_remote_code)
-    names = stored_names(meta)
-    if names is not None and experts_per_matrix:
-        unfuse_(meta, names)
+    if experts_per_matrix:
+        unfuse_(meta)
     return skip_for_device(meta, device), get_keys_to_not_convert(meta)
 
 

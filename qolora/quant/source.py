@@ -81,10 +81,12 @@ class CheckpointWeights:
         with safe_open(str(self._key_to_file[stored]), framework="pt", device="cpu") as h:
             if view is None:
                 t = h.get_tensor(key)
-            else:
-                t = h.get_slice(stored)[view.expert]
-                t = t.T if view.transposed else t
-                t = t.chunk(view.parts, dim=0)[view.part].contiguous()
+            elif view.transposed:  # stored (in, out): the expert's matrix, transposed (one part)
+                t = h.get_slice(stored)[view.expert].T.chunk(view.parts, dim=0)[view.part].contiguous()
+            else:  # only this part's rows are read (a gated expert's gate or up half)
+                sl = h.get_slice(stored)
+                rows = sl.get_shape()[1] // view.parts
+                t = sl[view.expert, view.part * rows : (view.part + 1) * rows]
         return t.to(device=device, dtype=dtype or t.dtype)
 
     @functools.cached_property

@@ -28,7 +28,7 @@ from ..config import Config, ConfigError, dump_config, flat_dict
 from ..files import FINAL_ADAPTER, INITIAL_ADAPTER, META_FILE, RUN_CONFIG_FILE
 from ..inits import InitSpec
 from ..quant import check_kernel, meta_model, resolve_model
-from ..quant.experts import has_unfused_experts, keep_peft_from_refusing_experts, stored_names, unfuse_
+from ..quant.experts import has_unfused_experts, unfuse_
 from . import run_dir
 from .callbacks import MetricsCallback
 from .data import load_rows, load_sources
@@ -190,8 +190,8 @@ def init_sharded(
     )
     if not w.is_main:
         base = meta_model(cfg.model)
-        if unfused and unfuse_(base, stored_names(base)):
-            keep_peft_from_refusing_experts()
+        if unfused:
+            unfuse_(base)
         quant.make_4bit_twin_(base, spec)
         prepare_for_training_(base, gc)
         model = meta_peft_model(base, lora_config(cfg))
